@@ -1,0 +1,70 @@
+"""FLOPs per token and device peaks, for MFU.
+
+Training FLOPs per token follow nanoGPT/PaLM: 6N + 12 * n_layer * n_head * head_dim * T, with N the parameter count
+without `wpe` (the tied head is counted once, through `wte`). For GPT-2 124M at T=1024 that is about 855 MFLOP.
+The peak comes from a table of known accelerators (dense bf16 / fp32 datasheet rates), never an A100 constant; on a
+CPU there is no datasheet to trust, so the peak is a matmul measured in the same process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gpt2_jax.config import GPT2Config, count_params
+
+# Dense (no sparsity) peak FLOP/s by device kind substring, per dtype; datasheet SXM figures.
+KNOWN_PEAKS: dict[str, dict[str, float]] = {
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
+    "RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12},
+    "RTX 3090": {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 4},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12 / 4},
+    "TPU v6": {"bfloat16": 918e12, "float32": 918e12 / 4},
+}
+
+
+def flops_per_token(config: GPT2Config, seq_len: int, *, training: bool = True) -> float:
+    """Model FLOPs per token (forward + backward when training) at sequence length `seq_len`."""
+    n = count_params(config) - config.n_ctx * config.n_embd
+    attention = 12 * config.n_layer * config.n_head * config.head_dim * seq_len
+    total = 6 * n + attention
+    return float(total if training else total / 3)
+
+
+def known_peak_flops(device: jax.Device, dtype: str) -> float | None:
+    """Datasheet peak for a known accelerator, or None (CPUs and unknown devices)."""
+    kind = getattr(device, "device_kind", "")
+    for name, peaks in KNOWN_PEAKS.items():
+        if name.lower() in kind.lower():
+            return peaks.get(dtype)
+    return None
+
+
+def measure_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5, device: jax.Device | None = None) -> float:
+    """FLOP/s of a large square matmul on `device`, best of `repeats` after a warm-up: the practical CPU peak."""
+    device = device or jax.devices()[0]
+    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype), device)
+    b = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype), device)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: jax.Device, dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from): a datasheet figure for known accelerators, else a measured matmul."""
+    known = known_peak_flops(device, dtype)
+    if known is not None:
+        return known, f"datasheet ({device.device_kind})"
+    return measure_matmul_flops(dtype, device=device), f"measured {dtype} matmul on {device.device_kind}"
