@@ -47,7 +47,9 @@ def known_peak_flops(device: jax.Device, dtype: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5, device: jax.Device | None = None) -> float:
+def measure_matmul_flops(
+    dtype: str = "float32", n: int = 2048, repeats: int = 5, device: jax.Device | None = None
+) -> float:
     """FLOP/s of a large square matmul on `device`, best of `repeats` after a warm-up: the practical CPU peak."""
     device = device or jax.devices()[0]
     a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype), device)
