@@ -1,0 +1,99 @@
+"""Batches of token windows: random ones for training, consecutive ones for validation.
+
+Every window holds seq_len + 1 tokens: inputs are `batch[:, :-1]`, targets `batch[:, 1:]`.
+
+Training batches are drawn from `np.random.default_rng([seed, step])`, so batch `step` depends on the seed and the
+step alone: the sampler's whole state is those two integers, a resumed run draws exactly the batches an
+uninterrupted one would, and every process of a multi-host run can build the same global batch and keep its rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+
+from gpt2_jax.errors import UsageError, UserError
+
+
+def _windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """A strided view `[n_starts, seq_len + 1]` over `tokens` (no copy; works on a memmap)."""
+    return np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)
+
+
+def _check_sizes(tokens: np.ndarray, batch_size: int, seq_len: int, what: str) -> None:
+    if batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {batch_size}.")
+    if seq_len < 1:
+        raise UsageError(f"--seq_len must be at least 1, got {seq_len}.")
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if len(tokens) < seq_len + 1:
+        raise UserError(
+            f"The {what} tokens number {len(tokens):,}, fewer than one window of seq_len + 1 = {seq_len + 1:,}; "
+            "lower --seq_len or add more text."
+        )
+
+
+class BatchSampler:
+    """Random windows of seq_len + 1 tokens, `batch_size` per batch, reproducible from (seed, step)."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int) -> None:
+        _check_sizes(tokens, batch_size, seq_len, "training")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UsageError(f"--seed must be a non-negative integer, got {seed!r}.")
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.seed, self.step = int(seed), 0
+        self._windows = _windows(tokens, seq_len)
+
+    def starts(self, step: int) -> np.ndarray:
+        """The first token index of each window of batch `step`."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, len(self._windows), size=self.batch_size)
+
+    def next_batch(self) -> np.ndarray:
+        """int32 `[batch_size, seq_len + 1]`; the gather reads only the chosen windows of a memmap."""
+        batch = self._windows[self.starts(self.step)].astype(np.int32)
+        self.step += 1
+        return batch
+
+    def state(self) -> dict:
+        """A small JSON-able dict for checkpoints; the sizes let `restore` warn when the data changed."""
+        return {
+            "seed": self.seed,
+            "step": self.step,
+            "n_tokens": len(self.tokens),
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue exactly where `state` was taken (the seed in it wins over this sampler's)."""
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+        now = {"n_tokens": len(self.tokens), "batch_size": self.batch_size, "seq_len": self.seq_len}
+        changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
+        if changed:
+            warnings.warn(
+                f"Resuming with different data or batch shape ({', '.join(changed)}): the batches from here on "
+                "differ from those an uninterrupted run would have drawn.",
+                stacklevel=2,
+            )
+
+
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int) -> Iterator[np.ndarray]:
+    """Consecutive windows for validation loss, in batches of int32 `[<= batch_size, seq_len + 1]`.
+
+    Window i covers tokens[i*seq_len : i*seq_len + seq_len + 1], so neighbours share one token and every token after
+    the first is a target exactly once; the tail shorter than a window is left out. The last batch holds the
+    remaining windows and may be smaller than `batch_size` (pad it, or weight its mean by its row count).
+    """
+    _check_sizes(tokens, batch_size, seq_len, "validation")
+    windows = _windows(tokens, seq_len)[::seq_len]
+    for start in range(0, len(windows), batch_size):
+        yield windows[start : start + batch_size].astype(np.int32)
+
+
+def n_eval_windows(n_tokens: int, seq_len: int) -> int:
+    """How many windows `eval_windows` yields over `n_tokens` tokens."""
+    return max(0, (n_tokens - 1) // seq_len)

@@ -1,0 +1,210 @@
+"""Training data: find the files, read them, tokenize once, keep the tokens as a memory-mapped array.
+
+`load_dataset(path, tokenizer)` takes a file, a folder (read recursively, in sorted path order, skipping hidden
+files and files of other types) or a glob (`'data/**/*.txt'`) of .txt/.md text, .jsonl (a "text" field per line),
+.csv (a "text" column, else the first) and pre-tokenized .npy/.bin token files; `data_files.py` reads them.
+
+Documents are joined by the tokenizer's real end-of-text token (id 50256 for GPT-2), added between documents
+(not where a pre-tokenized file already ends with it). A literal "<|endoftext|>" typed inside the text is NOT a
+boundary: it is encoded as the ordinary text it is (7 tokens with GPT-2's BPE), so text cannot forge the token.
+Bytes that are not valid UTF-8 are replaced by U+FFFD and counted (`n_replaced_bytes`), never fatal; a UTF-8
+byte-order mark at the start of a file is dropped.
+
+Tokenizing runs once, in parallel threads, with a progress bar on stderr; the tokens go to a uint16 (vocabularies
+up to 65,536 ids) or uint32 cache file (see `token_cache.py`) beside the data: next to a file, inside a folder, in
+the glob's common folder, or in `cache_dir` (also the fallback, ~/.cache/gpt2_jax, when that place is read-only).
+The cache key hashes the files' paths and contents and the tokenizer's vocabulary, so a second run starts at once
+and an edited file is re-tokenized. A single pre-tokenized file already in the right dtype is mapped directly.
+
+Validation: by default the last `val_fraction` of the token stream is held out, one contiguous block the training
+batches never touch (windows sampled from the training data would let a model memorise its data unnoticed);
+`val_path` reads a separate dataset instead (then all of `path` trains).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt2_jax import data_files, token_cache
+from gpt2_jax.data_files import TOKEN_EXTENSIONS, DatasetFiles, Piece, find_dataset_files
+from gpt2_jax.errors import UsageError, UserError
+
+if TYPE_CHECKING:
+    from gpt2_jax.tokenizer import Tokenizer
+
+READER_VERSION = "data-v1"  # bump when reading or joining changes, so old caches are not reused
+GROUP_CHARS: int | None = None  # text per encode_batch call (one progress update); None: two pieces per thread
+
+
+@dataclasses.dataclass
+class TokenDataset:
+    train: np.ndarray  # 1-D uint16 (n_vocab <= 65536) or uint32 token ids, usually a read-only memmap
+    val: np.ndarray | None  # held-out tokens; None when val_fraction == 0 and no val_path
+    n_documents: int  # documents read (train and val together): files, jsonl lines, csv rows
+    n_replaced_bytes: int  # invalid UTF-8 bytes replaced by U+FFFD
+    source: str  # what was read, in words
+    cache_path: str | None = None  # the token cache of `path`, when one was used
+
+
+def load_dataset(
+    path: str,
+    tokenizer: Tokenizer,
+    *,
+    val_fraction: float = 0.05,
+    val_path: str | None = None,
+    cache_dir: str | None = None,
+    seq_len: int | None = None,
+    progress: bool = True,
+) -> TokenDataset:
+    """Tokens for training (and validation) from `path`; see the module docstring for formats, joining and caching.
+
+    With `seq_len`, each split must hold at least one window of seq_len + 1 tokens, else a UserError says how many
+    tokens were found and what to change.
+    """
+    if not 0 <= val_fraction < 1:
+        raise UsageError(f"--val_fraction must be at least 0 and below 1, got {val_fraction}.")
+    if seq_len is not None and seq_len < 1:
+        raise UsageError(f"--seq_len must be a positive number of tokens, got {seq_len}.")
+    tokens, n_docs, n_replaced, source, cache_path = _dataset_tokens(path, tokenizer, cache_dir, progress)
+    if val_path is not None:
+        train = tokens
+        val, val_docs, val_replaced, val_source, _ = _dataset_tokens(val_path, tokenizer, cache_dir, progress)
+        n_docs, n_replaced, source = n_docs + val_docs, n_replaced + val_replaced, f"{source}; validation: {val_source}"
+    elif val_fraction > 0:
+        n_val = max(1, round(len(tokens) * val_fraction))
+        train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+    else:
+        train, val = tokens, None
+    if seq_len is not None:
+        _check_long_enough(train, val, seq_len, path, val_path, val_fraction)
+    if progress:
+        held = f", {len(val):,} held out for validation" if val is not None else ""
+        fixed = f", {n_replaced:,} invalid UTF-8 bytes replaced" if n_replaced else ""
+        print(f"dataset: {source}: {len(train):,} training tokens{held}{fixed}", file=sys.stderr)
+    return TokenDataset(train, val, n_docs, n_replaced, source, cache_path)
+
+
+def _check_long_enough(train, val, seq_len, path, val_path, val_fraction) -> None:
+    window = seq_len + 1
+    if len(train) < window:
+        fix = " or --val_fraction" if val_fraction > 0 and val_path is None else ""
+        raise UserError(
+            f"The training split of {path} has {len(train):,} tokens, fewer than one window of seq_len + 1 = "
+            f"{window:,}; lower --seq_len{fix} or add more text."
+        )
+    if val is not None and len(val) < window:
+        what = f"Validation dataset {val_path}" if val_path is not None else f"The validation split of {path}"
+        fix = "add more text to it" if val_path is not None else "raise --val_fraction, pass --val_dataset"
+        raise UserError(
+            f"{what} has {len(val):,} tokens, fewer than one window of seq_len + 1 = {window:,}; "
+            f"lower --seq_len or {fix}."
+        )
+
+
+# --- tokens for one dataset path: cached, or mapped directly -----------------------------------------------------
+def _dataset_tokens(path, tokenizer, cache_dir, progress) -> tuple[np.ndarray, int, int, str, str | None]:
+    """(tokens, n_documents, n_replaced_bytes, source, cache_path) for one dataset path."""
+    files = find_dataset_files(path)
+    source = path if len(files.paths) == 1 else f"{path} ({len(files.paths)} files)"
+    dtype = np.dtype(np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32)
+    if len(files.paths) == 1 and data_files.extension(files.paths[0]) in TOKEN_EXTENSIONS:
+        tokens = data_files.open_token_file(files.paths[0], tokenizer.n_vocab)
+        if tokens.dtype == dtype:  # already what training reads: map it, no copy
+            data_files.check_ids(tokens, files.paths[0], tokenizer.n_vocab)
+            if not len(tokens):
+                raise UserError(f"Dataset file {path} holds no tokens; point --dataset at a non-empty file.")
+            return tokens, 1, 0, source, None
+    tag = token_cache.tokenizer_tag(tokenizer)
+    key = token_cache.content_key(
+        files.paths, files.root, f"{READER_VERSION}|{dtype.name}|{token_cache.tokenizer_fingerprint(tokenizer)}"
+    )
+    places = _cache_places(files, tag, key, cache_dir)
+    for cache_path in places:
+        cached = token_cache.read_cache(cache_path, key)
+        if cached is not None:
+            tokens, header = cached
+            return tokens, header["n_documents"], header["n_replaced_bytes"], source, cache_path
+    for cache_path in places:
+        try:
+            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+            writer = token_cache.CacheWriter(cache_path, key, dtype)
+        except OSError:
+            continue  # read-only data folder: try the next place
+        with writer:
+            try:
+                n_docs, n_replaced = _tokenize_into(writer, files, tokenizer, progress)
+                if writer.n_tokens == 0:
+                    raise UserError(
+                        f"Dataset {path} holds no text: {len(files.paths)} file(s) read, 0 tokens; "
+                        "add text or point --dataset elsewhere."
+                    )
+                tokens = writer.commit(n_documents=n_docs, n_replaced_bytes=n_replaced)
+            except OSError as e:  # reading errors are UserErrors already: this is the cache's disk
+                raise UserError(f"Cannot write the token cache {cache_path}: {e.strerror or e}; free space there.")
+        return tokens, n_docs, n_replaced, source, cache_path
+    raise UserError(f"No writable folder for the token cache of {path} (tried {', '.join(places)}); pass cache_dir.")
+
+
+def _cache_places(files: DatasetFiles, tag: str, key: str, cache_dir: str | None) -> list[str]:
+    """Where the cache may live, best first: beside the data, else the user's cache folder."""
+    elsewhere = cache_dir or token_cache.default_cache_dir()
+    # Away from the data, several datasets share one folder: the stem gets a hash of where the data lies.
+    far_stem = f"{files.stem}-{hashlib.sha256(files.root.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+    far = os.path.join(os.path.expanduser(elsewhere), token_cache.cache_name(far_stem, tag, key))
+    return [far] if cache_dir else [os.path.join(files.root, token_cache.cache_name(files.stem, tag, key)), far]
+
+
+def _tokenize_into(writer: token_cache.CacheWriter, files: DatasetFiles, tokenizer, progress: bool) -> tuple[int, int]:
+    """Read every file, tokenize in parallel, append to `writer`; returns (n_documents, n_replaced_bytes)."""
+    can_cut = data_files.cuts_are_exact(tokenizer)
+    total = sum(os.path.getsize(f) for f in files.paths)
+    desc = f"tokenizing {files.stem}"
+    data_files.reset_replaced_count()
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr) as bar:
+        pieces = (piece for f in files.paths for piece in data_files.read_file(f, tokenizer.n_vocab, can_cut))
+        n_docs = _encode_pieces(pieces, tokenizer, writer, bar)
+    return n_docs, data_files.replaced_count()
+
+
+def _encode_pieces(pieces: Iterator[Piece], tokenizer, writer: token_cache.CacheWriter, bar: tqdm) -> int:
+    """Encode text pieces in parallel batches, in order, with the end-of-text id between documents."""
+    eot = np.array([tokenizer.eot_id], writer.dtype)
+    threads = min(32, os.cpu_count() or 1)
+    group_chars = GROUP_CHARS or 2 * threads * data_files.CHUNK_CHARS
+    group: list[str | np.ndarray] = []
+    chars = n_bytes = n_docs = 0
+    ends_with_eot = True  # nothing is written before the first document, so it gets no separator
+    pending_start = False
+
+    def flush() -> None:
+        texts = [p for p in group if isinstance(p, str)]
+        encoded = iter(tokenizer.encode_batch(texts, num_threads=threads) if texts else [])
+        for p in group:
+            writer.write(np.asarray(next(encoded), writer.dtype) if isinstance(p, str) else p)
+        bar.update(n_bytes)
+
+    for starts_document, payload, size in pieces:
+        pending_start |= starts_document
+        n_bytes += size
+        if len(payload):
+            if pending_start:
+                n_docs += 1
+                if not ends_with_eot:
+                    group.append(eot)
+                pending_start = False
+            group.append(payload)
+            chars += len(payload)
+            ends_with_eot = not isinstance(payload, str) and int(payload[-1]) == tokenizer.eot_id
+        if chars >= group_chars or len(group) >= 4096:
+            flush()
+            group, chars, n_bytes = [], 0, 0
+    flush()
+    return n_docs
