@@ -25,7 +25,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 test: lint
-	$(BIN)/python -m pytest -n 2 --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --suite quick --compare pytorch

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import GPT2Config
+from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, Cache
 
 Array = jax.Array
@@ -26,8 +27,13 @@ Array = jax.Array
 
 def init_cache(config: GPT2Config, batch: int, max_len: int, dtype: Any = None) -> Cache:
     """An empty cache of `max_len` slots for `batch` rows (dtype defaults to the compute dtype)."""
-    if max_len > config.n_ctx:
-        raise ValueError(f"max_len={max_len} exceeds the model's context n_ctx={config.n_ctx}")
+    if not 1 <= max_len <= config.n_ctx:
+        raise UserError(
+            f"A decoding cache of max_len={max_len} tokens does not fit the model's context; "
+            f"choose 1 to n_ctx={config.n_ctx} (prompt plus new tokens)."
+        )
+    if batch < 1:
+        raise UserError(f"A decoding cache needs a batch of at least 1 row, got {batch}.")
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (config.n_layer, batch, max_len, config.n_head, config.head_dim)
     return {
@@ -44,8 +50,15 @@ def prefill(
 ) -> tuple[Array, Cache]:
     """Run the prompt (`attention_mask_BT` False on padding) through the model, filling the cache.
 
-    Returns logits `[B, T, V]` for every prompt position and the updated cache.
+    Returns logits `[B, T, V]` for every prompt position and the updated cache. The prompt is written from the
+    cache's index on: one longer than the whole cache is refused here; beyond that, keeping index + T <= max_len
+    is the caller's job (the index is a traced value under jit, and writes past the end would be clamped).
     """
+    if tokens_BT.shape[1] > cache["valid"].shape[1]:
+        raise UserError(
+            f"A prompt of {tokens_BT.shape[1]} tokens does not fit a decoding cache of "
+            f"{cache['valid'].shape[1]} slots; make the cache longer or the prompt shorter."
+        )
     return GPT2(config).apply({"params": params}, tokens_BT, attention_mask_BT=attention_mask_BT, cache=cache)
 
 

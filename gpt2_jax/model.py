@@ -43,6 +43,23 @@ def attention_implementation(config: GPT2Config) -> str:
     return "xla"
 
 
+def float32_accumulating_dtype(dtype: Any) -> Any:
+    """The dtype to feed a dot that accumulates in float32 (the attention logits, the head).
+
+    XLA:CPU has no float16 x float16 -> float32 dot, so float16 compute (meant for GPUs) runs those in float32 on a
+    CPU instead of failing; every other dtype and backend keeps the compute dtype.
+    """
+    if jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu":
+        return jnp.float32
+    return dtype
+
+
+def tied_head(x_BTD: Array, wte: Array, dtype: Any) -> Array:
+    """Logits through the head tied to `wte`, accumulated and returned in float32 whatever the compute dtype."""
+    dtype = float32_accumulating_dtype(dtype)
+    return jnp.einsum("BTD,VD->BTV", x_BTD.astype(dtype), wte.astype(dtype), preferred_element_type=jnp.float32)
+
+
 class LayerNorm(nn.Module):
     """GPT-2's layer norm with OpenAI's parameter names `g` and `b`, computed in float32."""
 
@@ -85,7 +102,8 @@ class Attention(nn.Module):
         B, T, D = x_BTD.shape
         N, K = cfg.n_head, cfg.head_dim
         qkv = Conv1D(3 * D, dtype, name="c_attn")(x_BTD)
-        q_BTNK, k_BTNK, v_BTNK = (a.reshape(B, T, N, K) for a in jnp.split(qkv, 3, axis=-1))
+        attn_dtype = float32_accumulating_dtype(dtype)
+        q_BTNK, k_BTNK, v_BTNK = (a.reshape(B, T, N, K).astype(attn_dtype) for a in jnp.split(qkv, 3, axis=-1))
 
         if layer_cache is None and "key_mask_BS" not in ctx:
             out_BTNK = jax.nn.dot_product_attention(
@@ -100,9 +118,9 @@ class Attention(nn.Module):
                 k_BSNK = jax.lax.dynamic_update_slice(layer_cache["k"], k_BTNK.astype(cache_dtype), (0, index, 0, 0))
                 v_BSNK = jax.lax.dynamic_update_slice(layer_cache["v"], v_BTNK.astype(cache_dtype), (0, index, 0, 0))
                 layer_cache = {"k": k_BSNK, "v": v_BSNK}
-                k_BTNK, v_BTNK = k_BSNK.astype(dtype), v_BSNK.astype(dtype)
+                k_BTNK, v_BTNK = k_BSNK.astype(attn_dtype), v_BSNK.astype(attn_dtype)
             out_BTNK = jax.nn.dot_product_attention(q_BTNK, k_BTNK, v_BTNK, mask=ctx["mask_B1TS"], implementation="xla")
-        out_BTD = out_BTNK.reshape(B, T, D)
+        out_BTD = out_BTNK.reshape(B, T, D).astype(dtype)
         proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5  # GPT-2's scaled init of residual projections
         return Conv1D(D, dtype, init_std=proj_std, name="c_proj")(out_BTD), layer_cache
 
@@ -176,8 +194,7 @@ class GPT2(nn.Module):
         x_BTD, layer_caches = layers(x_BTD, layer_caches, ctx)
 
         x_BTD = LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_f")(x_BTD)
-        # The head is tied to wte; accumulate and return in float32 whatever the compute dtype.
-        logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte.astype(dtype), preferred_element_type=jnp.float32)
+        logits_BTV = tied_head(x_BTD, wte, dtype)
         if cache is None:
             return logits_BTV
         new_cache = dict(cache, k=layer_caches["k"], v=layer_caches["v"], valid=ctx["valid_BS"])
