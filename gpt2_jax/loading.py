@@ -1,0 +1,196 @@
+"""One entry point for every model a user can hand us: `load_model(spec)`.
+
+`spec` is a preset name (random weights) or a path, whose format is detected:
+
+    openai  OpenAI release dir or gpt-2-simple run dir (TF checkpoint + hparams.json), or a checkpoint prefix/.index
+    hf      Hugging Face dir (model.safetensors or sharded with model.safetensors.index.json) or a .safetensors file
+    native  our converted model dir (gpt2_jax.json + params/)
+    run     a training run dir (gpt2_jax.json + checkpoints/): its newest complete checkpoint
+    step    one step dir inside a run (runs/NAME/checkpoints/1000)
+
+The config comes from the weights' own file (hparams.json, config.json, gpt2_jax.json); without one, shapes that
+match a released GPT-2 exactly select that preset. The tokenizer is the model directory's own, else GPT-2's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+
+from gpt2_jax import native_format, openai_format, safetensors_io
+from gpt2_jax.config import DTYPES, PRESETS, GPT2Config, get_config, preset_names
+from gpt2_jax.errors import UserError
+from gpt2_jax.hf_format import params_from_hf_state_dict
+from gpt2_jax.model import init_params
+from gpt2_jax.tf_checkpoint import TFCheckpoint, checkpoint_prefix
+from gpt2_jax.tokenizer import load_tokenizer
+
+RELEASED_SIZES = ("124M", "355M", "774M", "1558M")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    config: GPT2Config  # architecture; dtype is the compute dtype asked for (params stay float32)
+    params: dict  # our params pytree, float32 numpy or jax arrays
+    tokenizer: Any  # gpt2_jax.tokenizer.load_tokenizer(...) result
+    source: str  # human-readable origin, e.g. "OpenAI checkpoint models/124M"
+    ignored: tuple[str, ...] = ()  # names of tensors in the checkpoint that are not model weights
+
+
+class Weights(NamedTuple):
+    """What a reader returns: the model without its compute dtype and tokenizer."""
+
+    config: GPT2Config
+    params: dict  # float32
+    source: str
+    ignored: list[str]  # tensor names in the checkpoint that are not model weights
+    tokenizer_dir: Path  # where the model's own vocabulary files would be
+
+
+def default_compute_dtype() -> str:
+    """bfloat16 on GPU/TPU (fp32 params, fp32 softmax and logits), float32 on CPU where bf16 matmuls are slow."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def note(message: str) -> None:
+    """A one-line remark for the user on stderr (stdout stays clean for samples and --json output)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def detect_format(path: Path) -> str:
+    """'openai', 'hf', 'native', 'run' or 'step' for an existing path; UserError for anything else."""
+    if path.is_file():
+        if path.suffix == ".safetensors" or path.name.endswith(".index.json"):
+            return "hf"
+        if path.suffix == ".index":
+            return "openai"
+        if path.suffix in safetensors_io.PICKLE_SUFFIXES:
+            raise safetensors_io.refuse_pickle(path)
+        raise UserError(f"{path} is not a model file this loader knows (.safetensors, a TF .index, or a directory).")
+    if Path(f"{path}.index").is_file():
+        return "openai"  # a checkpoint prefix such as models/124M/model.ckpt
+    if not path.is_dir():
+        names = ", ".join(preset_names())
+        raise UserError(f"No model at {path}: no such file or directory, and not a preset name ({names}).")
+    if native_format.is_native_model(path):
+        return "native"
+    if native_format.is_run_directory(path):
+        return "run"
+    if (path / "params").is_dir() and native_format.is_run_directory(path.parent.parent):
+        return "step"
+    if (path / "checkpoint").is_file() or any(path.glob("*.index")):
+        return "openai"
+    if any(path.glob("*.safetensors")) or (path / safetensors_io.INDEX_FILE).is_file():
+        return "hf"
+    pickles = safetensors_io.pickle_files(path)
+    if pickles:
+        raise safetensors_io.refuse_pickle(pickles[0])
+    raise UserError(
+        f"{path} holds no model this loader knows: expected hparams.json + model.ckpt.* (OpenAI, gpt-2-simple), "
+        "model.safetensors (Hugging Face) or gpt2_jax.json (converted model or training run)."
+    )
+
+
+def _released_config(sizes: dict[str, int], where: Path, config_file: str) -> GPT2Config:
+    for name in RELEASED_SIZES:
+        if all(getattr(PRESETS[name], k) == v for k, v in sizes.items()):
+            return PRESETS[name]
+    raise UserError(
+        f"{where} has no {config_file} and its shapes {sizes} match no released GPT-2; "
+        f"put the {config_file} that came with the weights beside them."
+    )
+
+
+def _read_openai(path: Path, verify_crc: bool | None) -> Weights:
+    if path.is_dir():
+        prefix = checkpoint_prefix(path)
+    else:
+        prefix = path.with_suffix("") if path.suffix == ".index" else path
+    ckpt = TFCheckpoint(prefix)
+    hparams = prefix.parent / "hparams.json"
+    if hparams.is_file():
+        config = GPT2Config.from_hparams_file(hparams)
+    else:
+        sizes = openai_format.inferred_sizes({n: e.shape for n, e in ckpt.entries.items()})
+        if sizes is None:
+            raise UserError(f"{prefix} holds no GPT-2 weights (no model/wte); is it a GPT-2 checkpoint?")
+        config = _released_config(sizes, prefix.parent, "hparams.json")
+    ignored = openai_format.check_tf_checkpoint(ckpt, config)
+    params = openai_format.params_from_tf_checkpoint(ckpt, config, verify_crc=verify_crc)
+    kind = "OpenAI checkpoint" if prefix.name == "model.ckpt" and not ignored else "TensorFlow checkpoint"
+    where = prefix if prefix.name != "model.ckpt" else prefix.parent
+    return Weights(config, params, f"{kind} {where}", ignored, prefix.parent)
+
+
+def _read_hf(path: Path) -> Weights:
+    state = safetensors_io.SafetensorsState(safetensors_io.safetensors_files(path))
+    config = safetensors_io.read_hf_config(path)
+    if config is None:
+        shapes = {k.removeprefix("transformer."): s for k, s in state.shapes().items()}
+        if "wte.weight" not in shapes or "wpe.weight" not in shapes:
+            raise UserError(f"{path} holds no GPT-2 weights (no wte.weight); is it a GPT-2 model?")
+        n_layer = len({k.split(".")[1] for k in shapes if k.startswith("h.")})
+        (n_vocab, n_embd), n_ctx = shapes["wte.weight"], shapes["wpe.weight"][0]
+        sizes = {"n_vocab": n_vocab, "n_ctx": n_ctx, "n_embd": n_embd, "n_layer": n_layer}
+        config = _released_config(sizes, path, "config.json")
+    params = params_from_hf_state_dict(state, config, source=str(path))
+    return Weights(config, params, f"Hugging Face safetensors {path}", [], path if path.is_dir() else path.parent)
+
+
+def _read_run(path: Path, fmt: str) -> Weights:
+    run_dir = path.parent.parent if fmt == "step" else path
+    config = native_format.read_model_json(run_dir)
+    steps = [path] if fmt == "step" else native_format.checkpoint_steps(run_dir)
+    if not steps:
+        raise UserError(f"Training run {run_dir} has no complete checkpoint yet; train it or pick another model.")
+    for step_dir in steps[:-1]:
+        try:
+            params = native_format.load_params(step_dir / "params", config)
+            return Weights(config, params, f"training run {run_dir} at step {int(step_dir.name)}", [], run_dir)
+        except UserError as e:
+            note(f"skipping checkpoint {step_dir}: {e}")
+    params = native_format.load_params(steps[-1] / "params", config)
+    return Weights(config, params, f"training run {run_dir} at step {int(steps[-1].name)}", [], run_dir)
+
+
+def read_weights(path: str | os.PathLike, *, verify_crc: bool | None = None) -> Weights:
+    """The weights at any supported path (see the module docstring), read and shape-checked."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "openai":
+        return _read_openai(path, verify_crc)
+    if fmt == "hf":
+        return _read_hf(path)
+    if fmt == "native":
+        config = native_format.read_model_json(path)
+        return Weights(config, native_format.load_params(path / "params", config), f"gpt2-jax model {path}", [], path)
+    return _read_run(path, fmt)
+
+
+def load_model(
+    spec: str | os.PathLike, *, dtype: str | None = None, seed: int = 0, verify_crc: bool | None = None
+) -> LoadedModel:
+    """Load a model from a path of any supported format, or build a preset (`tiny`, `124M`, ...) with random weights.
+
+    dtype: compute dtype (default `default_compute_dtype()`); verify_crc: see `openai_format.params_from_tf_checkpoint`.
+    """
+    dtype = dtype or default_compute_dtype()
+    if dtype not in DTYPES:  # before reading gigabytes of weights
+        raise UserError(f"Unknown compute dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    if not os.path.exists(spec) and not os.path.exists(f"{spec}.index") and str(spec) in preset_names():
+        config = get_config(str(spec), dtype=dtype)
+        if PRESETS.get(str(spec)) is None or str(spec) in RELEASED_SIZES:
+            note(f"{spec} is a preset: random weights; for OpenAI's, run python -m gpt2_jax.download {spec}")
+        params = init_params(config, seed)
+        return LoadedModel(config, params, load_tokenizer(None), f"preset {spec} (random weights, seed {seed})")
+    weights = read_weights(spec, verify_crc=verify_crc)
+    if weights.ignored:
+        note(f"{weights.source}: {openai_format.describe_ignored(weights.ignored)}")
+    config = weights.config.replace(dtype=dtype)
+    tokenizer = load_tokenizer(weights.tokenizer_dir)
+    return LoadedModel(config, weights.params, tokenizer, weights.source, tuple(weights.ignored))
