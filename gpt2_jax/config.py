@@ -121,6 +121,15 @@ class GPT2Config:
                 f"config.json asks for activation {hf['activation_function']!r}; "
                 "only GPT-2's tanh-approximated GELU is supported."
             )
+        if (
+            hf.get("scale_attn_by_inverse_layer_idx")
+            or hf.get("reorder_and_upcast_attn")
+            or not hf.get("scale_attn_weights", True)
+        ):
+            raise UserError(
+                "config.json changes GPT-2's attention scaling (scale_attn_weights / scale_attn_by_inverse_layer_idx "
+                "/ reorder_and_upcast_attn); only the original GPT-2 attention is supported."
+            )
         if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
             raise UserError("config.json sets n_inner to something other than 4 * n_embd, which GPT-2 never does.")
         hparams = {

@@ -17,6 +17,7 @@ logits are float32. Decoding passes a `cache` (see `decoding.py`); the module th
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -236,8 +237,13 @@ def init_params(config: GPT2Config, rng: Array | int = 0) -> dict[str, Any]:
     """Random GPT-2 params (GPT-2's initialisation) without running a forward pass over real data."""
     if isinstance(rng, int):
         rng = jax.random.PRNGKey(rng)
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    return jax.jit(lambda r: GPT2(config).init(r, dummy)["params"])(rng)
+    # Only the architecture shapes the init: one compiled init per architecture, whatever the compute options.
+    return _jitted_init(config.replace(dtype="float32", attention="xla", remat=False, scan_unroll=1), rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_init(config: GPT2Config, rng: Array) -> dict[str, Any]:
+    return GPT2(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def abstract_params(config: GPT2Config) -> dict[str, Any]:
