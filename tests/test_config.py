@@ -173,6 +173,8 @@ def test_fixture_config_files_agree() -> None:
         ({"model_type": "llama"}, "not GPT-2"),
         ({"activation_function": "relu"}, "only GPT-2's tanh-approximated GELU"),
         ({"n_inner": 100}, "n_inner"),
+        ({"scale_attn_weights": False}, "attention scaling"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "attention scaling"),
     ],
 )
 def test_hf_config_refuses_other_architectures(changes: dict, message: str) -> None:
