@@ -55,10 +55,45 @@ def float32_accumulating_dtype(dtype: Any) -> Any:
     return dtype
 
 
+HEAD_VOCAB_MULTIPLE = 128  # 16-bit heads pad the vocabulary rows to this, for aligned tensor-core tiles
+
+
 def tied_head(x_BTD: Array, wte: Array, dtype: Any) -> Array:
-    """Logits through the head tied to `wte`, accumulated and returned in float32 whatever the compute dtype."""
+    """Logits through the head tied to `wte`, accumulated and returned in float32 whatever the compute dtype.
+
+    In 16-bit compute the vocabulary is padded with zero rows to a multiple of 128 and sliced off again (50257 is
+    odd, and an odd leading dimension forces the GPU onto unaligned, slow matmul kernels), and the backward pass
+    runs in the compute dtype (`_head_16bit`). Padded logits never leave this function.
+    """
     dtype = float32_accumulating_dtype(dtype)
-    return jnp.einsum("BTD,VD->BTV", x_BTD.astype(dtype), wte.astype(dtype), preferred_element_type=jnp.float32)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum("BTD,VD->BTV", x_BTD.astype(dtype), wte.astype(dtype), preferred_element_type=jnp.float32)
+    n_vocab = wte.shape[0]
+    wte_VD = jnp.pad(wte.astype(dtype), ((0, -n_vocab % HEAD_VOCAB_MULTIPLE), (0, 0)))
+    return _head_16bit(x_BTD.astype(dtype), wte_VD)[..., :n_vocab]
+
+
+@jax.custom_vjp
+def _head_16bit(x_BTD: Array, wte_VD: Array) -> Array:
+    return jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD, preferred_element_type=jnp.float32)
+
+
+def _head_16bit_fwd(x_BTD: Array, wte_VD: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _head_16bit(x_BTD, wte_VD), (x_BTD, wte_VD)
+
+
+def _head_16bit_bwd(residuals: tuple[Array, Array], g_BTV: Array) -> tuple[Array, Array]:
+    # Without this rule JAX differentiates the float32-output matmul with a float32 cotangent, which runs both
+    # gradient matmuls (the largest in the model) in float32. Casting the cotangent down first is what mixed
+    # precision means everywhere else in the model; both matmuls still accumulate in float32.
+    x_BTD, wte_VD = residuals
+    g_BTV = g_BTV.astype(x_BTD.dtype)
+    dx_BTD = jnp.einsum("BTV,VD->BTD", g_BTV, wte_VD, preferred_element_type=jnp.float32).astype(x_BTD.dtype)
+    dwte_VD = jnp.einsum("BTV,BTD->VD", g_BTV, x_BTD, preferred_element_type=jnp.float32).astype(wte_VD.dtype)
+    return dx_BTD, dwte_VD
+
+
+_head_16bit.defvjp(_head_16bit_fwd, _head_16bit_bwd)
 
 
 class LayerNorm(nn.Module):

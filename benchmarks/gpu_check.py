@@ -1,0 +1,117 @@
+"""Accelerator sanity check before any timing: ceilings of this card, then correctness of bf16/cuDNN vs fp32.
+
+Prints the device, measures the two ceilings that bound everything else (a large bf16 matmul, a device-to-device
+copy), and checks on a random GPT-2 124M that bf16 compute with cuDNN attention stays close to an fp32 reference
+(`precision='highest'`, XLA attention), that cuDNN and XLA attention agree in bf16, and that cached decoding equals
+one full forward pass on the device. Writes one JSON object to --json. Run by benchmarks/gpu.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.bandwidth import measure_copy_bandwidth
+from gpt2_jax import decoding
+from gpt2_jax.config import get_config
+from gpt2_jax.model import GPT2, init_params
+
+
+def _time(fn, *args, repeats: int = 10) -> float:
+    """Median seconds of `fn(*args)` after a warm-up call (results blocked on)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def ceilings(n: int = 8192) -> dict[str, float]:
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul_s = _time(matmul, a, b)
+    copy_bytes_per_s = measure_copy_bandwidth(n * n * 32)  # 2 GiB at n=8192, in place (see bandwidth.py)
+    return {"bf16_matmul_tflops": 2 * n**3 / matmul_s / 1e12, "copy_gb_per_s": copy_bytes_per_s / 1e9}
+
+
+def rel_err(x: jax.Array, ref: jax.Array) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def correctness(preset: str = "124M", batch: int = 4, seq: int = 1024) -> dict[str, float]:
+    base = get_config(preset)
+    params = init_params(base, 0)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq), 0, base.n_vocab)
+    targets = jnp.roll(tokens, -1, axis=1)
+
+    def run(cfg):
+        logits = jax.jit(lambda p, t: GPT2(cfg).apply({"params": p}, t))(params, tokens)
+        loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).mean()
+        return logits, float(loss)
+
+    with jax.default_matmul_precision("highest"):
+        ref_logits, ref_loss = run(base.replace(dtype="float32", attention="xla"))
+    out: dict[str, float] = {"fp32_loss": ref_loss}
+    variants = {
+        "bf16_xla": base.replace(dtype="bfloat16", attention="xla"),
+        "fp32_default_precision": base.replace(dtype="float32", attention="xla"),
+    }
+    if jax.default_backend() == "gpu":
+        variants["bf16_cudnn"] = base.replace(dtype="bfloat16", attention="cudnn")
+    results = {}
+    for name, cfg in variants.items():
+        logits, loss = run(cfg)
+        results[name] = logits
+        out[f"{name}_rel_err"] = rel_err(logits, ref_logits)
+        out[f"{name}_max_abs"] = float(jnp.abs(logits - ref_logits).max())
+        out[f"{name}_loss"] = loss
+    if "bf16_cudnn" in results:
+        out["cudnn_vs_xla_bf16_rel_err"] = rel_err(results["bf16_cudnn"], results["bf16_xla"])
+
+    # Cached decode (prefill half, then one step per token) vs one full forward, both bf16 on the device.
+    cfg = variants["bf16_xla"]
+    t0, t1 = min(64, seq // 2), min(128, seq)
+    cache = decoding.init_cache(cfg, batch, t1)
+    step = jax.jit(decoding.decode_step, static_argnums=1, donate_argnums=3)
+    logits, cache = jax.jit(decoding.prefill, static_argnums=1)(params, cfg, tokens[:, :t0], cache)
+    pieces = [logits]
+    for t in range(t0, t1):
+        step_logits, cache = step(params, cfg, tokens[:, t], cache)
+        pieces.append(step_logits[:, None])
+    cached = jnp.concatenate(pieces, axis=1)
+    out["cached_vs_full_bf16_rel_err"] = rel_err(cached, results["bf16_xla"][:, :t1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    result = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__}
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
+    on_gpu = device.platform == "gpu"  # elsewhere: a smoke test at toy sizes
+    result.update(ceilings(8192 if on_gpu else 512))
+    print(
+        f"ceilings: {result['bf16_matmul_tflops']:.0f} TFLOP/s bf16 matmul, {result['copy_gb_per_s']:.0f} GB/s copy",
+        flush=True,
+    )
+    result.update(correctness() if on_gpu else correctness("tiny", 2, 64))
+    for key, value in result.items():
+        print(f"  {key}: {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
