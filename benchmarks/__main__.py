@@ -1,0 +1,114 @@
+"""`python -m benchmarks`: how fast this is, against the hardware's limits and against PyTorch, in one command.
+
+    python -m benchmarks --suite quick --compare pytorch          # ~5 min on a 2-core CPU: both CPU goals
+    python -m benchmarks --suite full --json out.json --plot out.png   # a GPU/TPU: 124M at T=1024 in bf16, all devices
+    python -m benchmarks --job train --preset 124M --batch 8,16 --seq 1024 --dtype bfloat16 --attention cudnn,xla
+    python -m benchmarks --job decode --preset 124M --batch 1,8,64 --seq 16 --new_tokens 128
+
+Prints a progress line per point, then one table (median tokens/s over --repeats timed runs with its min-max, compile
+time, MFU, model TFLOP/s, peak memory, fraction of the bandwidth bound, PyTorch and the ratio). --json is rewritten
+after every point, so an interrupted run keeps what it measured. benchmarks/suite.py documents every field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from benchmarks import report, suite
+from gpt2_jax.cli import run_cli
+from gpt2_jax.errors import UsageError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be at least 1, got {text!r}")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _remat(text: str) -> tuple[bool, ...]:
+    choices = {"off": False, "on": True}
+    if any(x not in choices for x in _names(text)):
+        raise argparse.ArgumentTypeError(f"--remat takes off, on or off,on; got {text!r}")
+    return tuple(choices[x] for x in _names(text))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--suite", default="quick", choices=sorted(suite.SUITES), help="named sweep (default: quick)")
+    p.add_argument("--compare", choices=["pytorch"], help="also time Hugging Face PyTorch GPT-2 at the same points")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point after warm-up (default: 3)")
+    p.add_argument("--json", help="write {environment, points} here (rewritten after every point)")
+    p.add_argument("--plot", help="write a PNG of tokens/s against batch size here")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    custom = p.add_argument_group("a sweep of your own (replaces --suite when --job is given)")
+    custom.add_argument("--job", choices=["train", "decode"], help="decode also measures prefill")
+    custom.add_argument("--preset", type=_names, default=("124M",), help="model presets, comma-separated")
+    custom.add_argument("--batch", type=_ints, default=(8,), help="global batch sizes (sequences), comma-separated")
+    custom.add_argument("--seq", type=int, default=None, help="train: tokens per sequence; decode: prompt tokens")
+    custom.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    custom.add_argument("--attention", type=_names, default=("auto",), help="train: auto,xla,cudnn (comma list)")
+    custom.add_argument("--remat", type=_remat, default=(False,), help="train: off, on or off,on")
+    custom.add_argument("--devices", type=_names, default=("1",), help="train: device counts or 'all' (comma list)")
+    custom.add_argument("--new_tokens", type=int, default=128, help="decode: tokens generated per sequence")
+    custom.add_argument("--top_k", type=int, default=40, help="decode: top-k of the sampler")
+    custom.add_argument("--compare_at", type=_ints, default=None, help="only compare with PyTorch at these batches")
+    return p.parse_args(argv)
+
+
+def build_sweeps(args: argparse.Namespace) -> tuple[suite.Sweep, ...]:
+    if args.job is None:
+        return suite.SUITES[args.suite]
+    seq = args.seq or (1024 if args.job == "train" else 16)
+    if seq < 1 or args.new_tokens < 1 or args.top_k < 0:
+        raise UsageError("--seq and --new_tokens must be at least 1 and --top_k at least 0.")
+    return (
+        suite.Sweep(
+            args.job, args.preset, args.batch, seq=seq, dtype=args.dtype, attention=args.attention,
+            remat=args.remat, devices=args.devices, new_tokens=args.new_tokens, top_k=args.top_k,
+            compare_batches=args.compare_at,
+        ),
+    )  # fmt: skip
+
+
+def pytorch_available(log=print) -> bool:
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        log(f"PyTorch comparison skipped: {' and '.join(missing)} not installed (pip install torch transformers).")
+    return not missing
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}.")
+    sweeps = build_sweeps(args)
+    log = lambda line: print(line, flush=True)
+    env = report.environment()
+    log(report.describe_environment(env))
+    compare = args.compare == "pytorch" and pytorch_available(log)
+    runner = suite.Runner(repeats=args.repeats, compare=compare, log=log)
+    save = (lambda points: report.write_json(args.json, env, points)) if args.json else None
+    points = runner.run(sweeps, on_point=save)
+    print()
+    print(report.format_table(points))
+    if args.plot:
+        report.plot(args.plot, points, report.describe_environment(env))
+    failed = [p for p in points if p.get("error")]
+    if failed:
+        print(f"{len(failed)} of {len(points)} points failed (see FAILED above).", file=sys.stderr)
+    return 1 if failed and len(failed) == len(points) else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,197 @@
+"""Sampling benchmark: prefill time, per-token decode latency and tokens/s, against Hugging Face PyTorch `generate`.
+
+    python -m benchmarks.decode                                   # the CPU goal: 124M, fp32, batch 1 and 8
+    python -m benchmarks.decode --batches 1,8,64 --lengths 128,512 --no-pytorch --json out.json
+
+Each point times our jitted decoder (`gpt2_jax.sampling`: one prefill, then one decode_chunk call for every new
+token, top-k sampling, no early stop) on a random model after a compile (timed apart), median of `--repeats` runs.
+With PyTorch it also times `GPT2LMHeadModel.generate` (same weights, do_sample, top_k, use_cache, same prompt and
+number of new tokens) in the same process, and reports the ratio of generation throughputs (new tokens/s of a
+whole call, prefill included, both sides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from gpt2_jax.config import get_config
+from gpt2_jax.decoder import decode_weights
+from gpt2_jax.generate import cache_slots, prompt_bucket
+from gpt2_jax.model import init_params
+from gpt2_jax.sampling import SamplingConfig, decode_chunk, prefill_and_sample
+
+NO_EOT = np.int32(-1)  # no row ever stops early: every run decodes exactly the asked number of tokens
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def time_ours(weights: Any, config: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int) -> dict:
+    """Seconds to compile, to prefill (+ first draw), and to decode the other `new_tokens - 1` tokens."""
+    B, T = prompt_BT.shape
+    slots = cache_slots(prompt_bucket(T, config.n_ctx) + new_tokens - 1, config.n_ctx)  # generate.py's buckets
+    static = dict(config=config, sampling=SamplingConfig(top_k=top_k))
+    mask_BT, row_ids, done = np.ones_like(prompt_BT, bool), np.arange(B, dtype=np.int32), np.zeros(B, bool)
+    prefill_args = (weights, prompt_BT, mask_BT, row_ids, done, np.int32(0), np.uint32(0), NO_EOT)
+    decode_args = (np.int32(new_tokens - 1), np.zeros(B, bool), NO_EOT)
+
+    start = time.perf_counter()  # compiled ahead of time, so the compile is timed apart from any run
+    prefill = prefill_and_sample.lower(*prefill_args, max_len=slots, **static).compile()
+    decode = decode_chunk.lower(weights, prefill(*prefill_args)[0], *decode_args, **static).compile()
+    compile_s = time.perf_counter() - start
+
+    def run_prefill():
+        state, first_B = prefill(*prefill_args)
+        jax.block_until_ready(first_B)
+        return state
+
+    def run_decode(state):
+        state, _, n = decode(weights, state, *decode_args)
+        assert int(n) == new_tokens - 1
+        return state
+
+    jax.block_until_ready(run_decode(run_prefill()))  # warm-up
+    prefill_s = _median_seconds(run_prefill, repeats)
+    states = [run_prefill() for _ in range(repeats)]  # prefilled outside the timing: decode donates its state
+    decode_s = _median_seconds(lambda: jax.block_until_ready(run_decode(states.pop())), repeats)
+    return {"compile_s": compile_s, "prefill_s": prefill_s, "decode_s": decode_s}
+
+
+def hf_model(params: Any, config: Any):
+    """A float32 PyTorch GPT2LMHeadModel holding exactly `params` (head tied to wte)."""
+    import torch
+    import transformers
+
+    from gpt2_jax.hf_format import params_to_hf_state_dict
+
+    hf_config = transformers.GPT2Config(**config.to_hf_config(), attn_implementation="eager")
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(hf_config)
+    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in params_to_hf_state_dict(params).items()}
+    model.transformer.load_state_dict(state, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight
+    return model.eval()
+
+
+def time_pytorch(model: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int) -> float:
+    import torch
+
+    ids = torch.from_numpy(prompt_BT.astype(np.int64))
+    kwargs = dict(do_sample=True, top_k=top_k, use_cache=True, pad_token_id=0, eos_token_id=None)
+
+    def generate(n: int) -> None:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        assert out.shape[1] == prompt_BT.shape[1] + n
+
+    generate(2)  # warm-up
+    return _median_seconds(lambda: generate(new_tokens), repeats)
+
+
+def run(
+    presets: Sequence[str] = ("124M",),
+    batches: Sequence[int] = (1, 8),
+    lengths: Sequence[int] = (128,),
+    *,
+    prompt_len: int = 16,
+    dtype: str = "float32",
+    top_k: int = 40,
+    repeats: int = 3,
+    pytorch: bool = True,
+    torch_threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Benchmark points: per (preset, batch, length) one 'prefill' and one 'decode' dict (see the module doc).
+
+    torch_threads: PyTorch's intra-op threads (default: its own choice, all cores). On a busy machine torch's
+    spinning threads lose far more than XLA's, so say which setting a ratio used.
+    """
+    if pytorch and torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    points = []
+    for preset in presets:
+        config = get_config(preset, dtype=dtype)
+        params = init_params(config, 0)
+        weights = decode_weights(params, config)
+        torch_model = hf_model(params, config) if pytorch else None
+        for batch in batches:
+            prompt_BT = np.random.default_rng(0).integers(0, config.n_vocab, (batch, prompt_len)).astype(np.int32)
+            for new_tokens in lengths:
+                ours = time_ours(weights, config, prompt_BT, new_tokens, top_k, repeats)
+                generate_s = ours["prefill_s"] + ours["decode_s"]
+                common = dict(
+                    preset=preset, n_layer=config.n_layer, n_embd=config.n_embd, batch=batch, seq=prompt_len,
+                    new_tokens=new_tokens, dtype=dtype, devices=1, compile_s=round(ours["compile_s"], 3),
+                )  # fmt: skip
+                torch_s = time_pytorch(torch_model, prompt_BT, new_tokens, top_k, repeats) if pytorch else None
+                decode = dict(
+                    job="decode", **common, tokens_per_s=batch * new_tokens / generate_s,
+                    per_token_ms=1e3 * ours["decode_s"] / max(new_tokens - 1, 1),
+                    pytorch_tokens_per_s=None if torch_s is None else batch * new_tokens / torch_s,
+                )  # fmt: skip
+                decode["ratio"] = (
+                    decode["pytorch_tokens_per_s"] and decode["tokens_per_s"] / decode["pytorch_tokens_per_s"]
+                )
+                prefill = dict(
+                    job="prefill", **common, tokens_per_s=batch * prompt_len / ours["prefill_s"],
+                    prefill_ms=1e3 * ours["prefill_s"], pytorch_tokens_per_s=None, ratio=None,
+                )  # fmt: skip
+                points += [prefill, decode]
+                log(format_point(decode))
+    return points
+
+
+def format_point(p: dict) -> str:
+    line = (
+        f"{p['preset']:>5} {p['dtype']:>8} batch {p['batch']:>3} prompt {p['seq']:>4} new {p['new_tokens']:>5}: "
+        f"{p['tokens_per_s']:8.1f} tok/s  {p['per_token_ms']:7.2f} ms/step  compile {p['compile_s']:6.2f} s"
+    )
+    if p.get("ratio"):
+        line += f"  | PyTorch {p['pytorch_tokens_per_s']:8.1f} tok/s  ratio {p['ratio']:.2f}x"
+    return line
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ints = lambda s: [int(x) for x in s.split(",")]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", type=lambda s: s.split(","), default=["124M"])
+    p.add_argument("--batches", type=ints, default=[1, 8])
+    p.add_argument("--lengths", type=ints, default=[128], help="new tokens per generation")
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--top_k", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-pytorch", dest="pytorch", action="store_false")
+    p.add_argument("--torch_threads", type=int, default=None, help="PyTorch intra-op threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write the points to this file")
+    args = p.parse_args(argv)
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}{load}", flush=True)
+    points = run(
+        args.presets, args.batches, args.lengths, prompt_len=args.prompt_len, dtype=args.dtype, top_k=args.top_k,
+        repeats=args.repeats, pytorch=args.pytorch, torch_threads=args.torch_threads,
+        log=lambda s: print(s, flush=True),
+    )  # fmt: skip
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(points, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The jitted training and evaluation steps, data parallel over a device mesh.
+
+`TrainState` (params, opt_state, step, rng) is a pytree; `train_step(state, batch) -> (state, metrics)` is jitted
+once with the state donated, so the update happens in place. The mesh has one axis, 'data': each batch is sharded
+along it by rows and the state is replicated, so XLA all-reduces the gradients (the `jit` + `NamedSharding`
+spelling of what `pmap` did; one program for any device count, and the same losses as one device).
+
+Gradient accumulation runs inside the step: the global batch `[B, T+1]` is split into `accumulate` micro-batches
+summed by a `lax.scan`, so one dispatch covers the whole optimizer step. Row `j * accumulate + i` goes to
+micro-batch `i`: every device keeps its own rows, no data moves between devices.
+
+Loss: mean next-token cross-entropy in float32, from the model's float32 logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.errors import UsageError
+from gpt2_jax.model import GPT2
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: Array  # int32 scalar: optimizer updates applied so far
+    rng: Array  # uint32[2]: the run's base key (sampling during training derives its seeds from it)
+
+
+def create_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+def select_devices(spec: str | int) -> list[jax.Device]:
+    """`all` or a count of local devices, first ones first."""
+    available = jax.local_devices()
+    if str(spec) == "all":
+        return available
+    try:
+        n = int(spec)
+    except ValueError:
+        raise UsageError(f"--devices must be 'all' or a number, got {spec!r}.")
+    if not 1 <= n <= len(available):
+        raise UsageError(f"--devices {n} asks for more devices than the {len(available)} this machine has.")
+    return available[:n]
+
+
+def make_mesh(devices: Sequence[jax.Device]) -> Mesh:
+    return Mesh(np.array(devices), ("data",), axis_types=(AxisType.Auto,))
+
+
+def check_batch(batch_size: int, n_devices: int, accumulate: int) -> int:
+    """The per-device micro-batch; a clear error when the global batch does not split evenly."""
+    if batch_size < 1 or accumulate < 1:
+        raise UsageError("--batch_size and --accumulate_gradients must be positive.")
+    if batch_size % (n_devices * accumulate):
+        raise UsageError(
+            f"--batch_size {batch_size} must be divisible by devices x accumulate_gradients = "
+            f"{n_devices} x {accumulate} = {n_devices * accumulate}; pick a multiple of {n_devices * accumulate}."
+        )
+    return batch_size // (n_devices * accumulate)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def shard_batch(batch: np.ndarray, mesh: Mesh) -> Array:
+    """Host batch `[B, T+1]` -> a device array split by rows over the mesh (asynchronous copy)."""
+    return jax.device_put(batch, batch_sharding(mesh))
+
+
+def token_losses(params: Any, config: GPT2Config, batch_BT1: Array) -> Array:
+    """Next-token cross-entropy `[B, T]` in float32 for windows `[B, T+1]`."""
+    inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+    logits_BTV = GPT2(config).apply({"params": params}, inputs_BT).astype(jnp.float32)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT
+
+
+def mean_loss(params: Any, config: GPT2Config, batch_BT1: Array) -> Array:
+    return token_losses(params, config, batch_BT1).mean()
+
+
+def _loss_and_grads(params: Any, config: GPT2Config, batch_BT1: Array, accumulate: int, mesh: Mesh):
+    grad_fn = jax.value_and_grad(mean_loss)
+    if accumulate == 1:
+        return grad_fn(params, config, batch_BT1)
+    B, T1 = batch_BT1.shape
+    micro_ABT1 = batch_BT1.reshape(B // accumulate, accumulate, T1).swapaxes(0, 1)
+    micro_ABT1 = jax.lax.with_sharding_constraint(micro_ABT1, NamedSharding(mesh, PartitionSpec(None, "data")))
+
+    def add_micro_batch(carry, micro_BT1):
+        loss_sum, grad_sum = carry
+        loss, grads = grad_fn(params, config, micro_BT1)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss_sum, grad_sum), _ = jax.lax.scan(add_micro_batch, zeros, micro_ABT1)
+    return loss_sum / accumulate, jax.tree.map(lambda g: g / accumulate, grad_sum)
+
+
+def build_train_step(
+    config: GPT2Config,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    *,
+    accumulate: int = 1,
+) -> Callable[[TrainState, Array], tuple[TrainState, Metrics]]:
+    """`train_step(state, batch) -> (state, metrics)`, jitted with explicit shardings and the state donated.
+
+    metrics: `loss` (mean over the global batch, before the update), `grad_norm` (before clipping), `lr` (the
+    rate this update used).
+    """
+
+    def train_step(state: TrainState, batch_BT1: Array) -> tuple[TrainState, Metrics]:
+        loss, grads = _loss_and_grads(state.params, config, batch_BT1, accumulate, mesh)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def build_eval_step(config: GPT2Config, mesh: Mesh) -> Callable[[Any, Array, Array], tuple[Array, Array]]:
+    """`eval_step(params, batch [B, T+1], row_weight [B]) -> (summed loss, number of predicted tokens)`.
+
+    Rows of weight 0 pad the last batch to the compiled shape and count for nothing.
+    """
+
+    def eval_step(params: Any, batch_BT1: Array, row_weight_B: Array) -> tuple[Array, Array]:
+        losses_BT = token_losses(params, config, batch_BT1)
+        weight_B = row_weight_B.astype(jnp.float32)
+        return (losses_BT.sum(axis=1) * weight_B).sum(), weight_B.sum() * losses_BT.shape[1]
+
+    return jax.jit(
+        eval_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+    )
+
+
+@jax.jit
+def all_finite(tree: Any) -> Array:
+    """True when no leaf holds a NaN or Inf: checked before a checkpoint is written."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
