@@ -70,7 +70,9 @@ def describe_environment(env: dict[str, Any]) -> str:
     return (
         f"{env['device_kind']} x{env['device_count']} ({env['platform']}), jax {env['jax']}, jaxlib {env['jaxlib']}, "
         f"flax {env['flax']}, optax {env['optax']}, torch {env['torch'] or 'not installed'}; "
-        f"{env['host_cpu_count']} x {env.get('host_cpu') or 'CPU'}" + (f", load {load[0]:.1f}" if load else "") + f"; {env['date']}"
+        f"{env['host_cpu_count']} x {env.get('host_cpu') or 'CPU'}"
+        + (f", load {load[0]:.1f}" if load else "")
+        + f"; {env['date']}"
     )
 
 
