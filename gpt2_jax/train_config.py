@@ -196,6 +196,7 @@ POSITIVE = (
     "sample_length",
     "vocab_size",
     "seq_len",
+    "scan_unroll",
 )
 NON_NEGATIVE = ("warmup_steps", "val_every", "val_batches", "sample_every", "sample_num", "save_every", "seed",
                 "weight_decay", "grad_clip")  # fmt: skip

@@ -6,9 +6,10 @@ checkpoint steps. The log line is nshepperd's with rate and MFU:
 
     [step | elapsed] loss=3.21 avg=3.40 lr=6.00e-04 tok/s=12345 mfu=41.2%
 
-where avg is nshepperd's bias-corrected moving average (decay 0.99). A non-finite loss stops the run at once with
-no checkpoint written, so the last good checkpoint stays the newest. SIGTERM and Ctrl-C finish the step in flight,
-write a checkpoint and return 128 + the signal number.
+where avg is nshepperd's bias-corrected moving average (decay 0.99). A NaN/Inf (or exploding) loss stops the run at
+once with no checkpoint written, and a checkpoint of the weights that produced it is deleted, so the last good one
+stays the newest. SIGTERM and Ctrl-C finish the step in flight, write a checkpoint and return 128 + the signal
+number (143, 130); a second Ctrl-C interrupts at once.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class MovingAverage:
 
 
 class Diverged(UserError):
-    pass
+    """The loss blew up: the message names the step and suggests a lower learning rate."""
 
 
 @contextmanager
@@ -70,8 +71,8 @@ def stop_signals() -> Iterator[dict[str, int]]:
         if "signum" in received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         received["signum"] = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     for s in previous:
         signal.signal(s, handler)

@@ -149,6 +149,7 @@ def _wait_for_step(proc: subprocess.Popen, step: int) -> None:
     raise AssertionError(f"train.py ended before step {step}: {proc.stderr.read()[-2000:]}")
 
 
+@pytest.mark.slow  # two real train.py processes (imports and compiles twice): ~40 s on 2 cores
 def test_kill_9_then_sigterm_then_resume_ends_as_the_straight_run(straight, tmp_path, flags):
     """A real train.py is killed with -9 (saving every step, so often mid-save), a second one resumes, takes over
     the dead process's lock and is stopped by SIGTERM (checkpoint, exit 143); a third run finishes. Same result."""

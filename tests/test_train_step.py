@@ -124,6 +124,7 @@ PARALLEL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess with 8 CPU devices compiling three step variants: ~35 s on 2 cores
 def test_data_parallel_and_accumulation_match_one_device():
     """8 devices x 1 row and 1 device x 4 micro-batches of 2 both equal 1 device x 8 rows (<= 1e-5), 3 steps."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
