@@ -1,6 +1,6 @@
 """`python -m benchmarks`: how fast this is, against the hardware's limits and against PyTorch, in one command.
 
-    python -m benchmarks --suite quick --compare pytorch          # ~5 min on a 2-core CPU: both CPU goals
+    python -m benchmarks --suite quick --compare pytorch          # ~3 min on an idle 2-core CPU: both CPU goals
     python -m benchmarks --suite full --json out.json --plot out.png   # a GPU/TPU: 124M at T=1024 in bf16, all devices
     python -m benchmarks --job train --preset 124M --batch 8,16 --seq 1024 --dtype bfloat16 --attention cudnn,xla
     python -m benchmarks --job decode --preset 124M --batch 1,8,64 --seq 16 --new_tokens 128

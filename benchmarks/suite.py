@@ -77,7 +77,7 @@ SUITES: dict[str, tuple[Sweep, ...]] = {
         Sweep("train", ("tiny",), (2,), seq=32),
         Sweep("decode", ("tiny",), (2,), seq=8, new_tokens=8),
     ),
-    # About 5 minutes on a 2-core CPU: the goals of the training and sampling issues, against PyTorch.
+    # About 3 minutes on an idle 2-core CPU: the goals of the training and sampling issues, against PyTorch.
     "quick": (
         Sweep("train", ("mini",), (8,), seq=256),
         Sweep("decode", ("124M",), (1, 8), seq=16, new_tokens=128),
