@@ -3,6 +3,7 @@
     python train.py                                            # the demo: a small GPT-2 on the bundled corpus
     python train.py --dataset my.txt --init models/124M        # fine-tune 124M on one device or `--devices all`
     python train.py --dataset my.txt --restore_from latest     # continue runs/run1 where it stopped
+    python train.py --distributed ...                          # on every host of a cluster (README: Several machines)
 
 The work happens in gpt2_jax/ (train_config: flags; train_setup: run directory, model, data, state; trainer: loop).
 """
@@ -22,6 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     explicit = explicit_flags(build_parser().parse_args(argv))
     check_ranges(explicit)  # flags out of range fail before jax is even imported
+    if explicit.get("distributed"):  # before any other JAX call, as jax.distributed requires
+        from gpt2_jax.distributed import initialize
+
+        initialize(explicit.get("coordinator"), explicit.get("num_processes"), explicit.get("process_id"))
     from gpt2_jax.trainer import run_training
 
     return run_training(explicit, bundled_dataset=str(BUNDLED_DATASET))

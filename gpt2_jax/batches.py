@@ -52,9 +52,11 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, step])
         return rng.integers(0, len(self._windows), size=self.batch_size)
 
-    def next_batch(self) -> np.ndarray:
-        """int32 `[batch_size, seq_len + 1]`; the gather reads only the chosen windows of a memmap."""
-        batch = self._windows[self.starts(self.step)].astype(np.int32)
+    def next_batch(self, rows: slice | None = None) -> np.ndarray:
+        """int32 `[batch_size, seq_len + 1]`, or only its `rows` (one process's share); the gather reads only the
+        chosen windows of a memmap."""
+        starts = self.starts(self.step)
+        batch = self._windows[starts if rows is None else starts[rows]].astype(np.int32)
         self.step += 1
         return batch
 

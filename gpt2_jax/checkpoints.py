@@ -5,7 +5,9 @@ Each step directory holds three items: `params` and `opt_state` (StandardSave py
 on while the arrays are written, `wait()` blocks until the last one is complete, and orbax writes each step under a
 temporary name (`N.orbax-checkpoint-tmp`) that is renamed only when complete, so a run killed mid-save leaves a
 temporary directory that is never loaded (it is reported, then removed). Restores use abstract targets
-(shape, dtype, sharding) so the optax NamedTuples come back typed and the arrays land directly on the mesh.
+(shape, dtype, sharding) so the optax NamedTuples come back typed and the arrays land directly on the mesh, whatever
+mesh, sharding or number of processes wrote them. In a run over several processes every process calls save,
+wait, delete and restore alike (orbax writes each process's shards and lets process 0 finalise).
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ class Checkpoints:
 
     def steps(self) -> list[int]:
         """Complete checkpoints on disk, oldest first."""
+        if jax.process_count() > 1:
+            # Saves and deletes are collective: every process must act on the same list, and a directory listing
+            # taken while process 0 renames a finished save could differ between processes; the manager's cannot.
+            return sorted(self.manager.all_steps())
         return complete_steps(self.directory)
 
     def latest_step(self) -> int | None:
@@ -138,7 +144,8 @@ class Checkpoints:
         try:
             self.manager.delete(step)
         except FileNotFoundError:  # on disk but unknown to this manager (written by another process)
-            shutil.rmtree(self.directory / str(step), ignore_errors=True)
+            if jax.process_index() == 0:
+                shutil.rmtree(self.directory / str(step), ignore_errors=True)
 
     def check(self) -> None:
         """Raise now if the background save has finished and failed (cheap: never waits for a running one)."""

@@ -11,6 +11,9 @@
 
 Every file is replaced whole through a temporary name (never half-written) except metrics.jsonl, which is appended
 one flushed line at a time; a resumed run first drops the records past the step it resumes from.
+
+In a run over several processes every process has a RunDir, but only process 0's (`writer=True`) writes, locks or
+deletes anything: the others read.
 """
 
 from __future__ import annotations
@@ -106,10 +109,11 @@ class RunLock:
 
 
 class RunDir:
-    """Paths and small writers of one run directory."""
+    """Paths and small writers of one run directory (writers do nothing unless `writer`)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
         self.checkpoints = self.path / "checkpoints"
         self.samples = self.path / "samples"
         self.metrics_path = self.path / "metrics.jsonl"
@@ -127,6 +131,8 @@ class RunDir:
 
     def write_model(self, config: GPT2Config, tokenizer: Any, training: dict[str, Any]) -> None:
         """gpt2_jax.json (config + training options) and the tokenizer files: what makes the run a model."""
+        if not self.writer:
+            return
         tokenizer.save(self.path)
         native_format.write_model_json(self.path, config, training=training)
 
@@ -141,6 +147,8 @@ class RunDir:
 
     # --- metrics ---------------------------------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -159,12 +167,14 @@ class RunDir:
         """Drop records past `step` (a resumed run redoes those steps); returns the kept ones."""
         records = self.read_metrics()
         kept = [r for r in records if r.get("step", 0) <= step]
-        if len(kept) != len(records):
+        if len(kept) != len(records) and self.writer:
             _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         return kept
 
     def clear_outputs(self) -> None:
         """Forget a previous run's metrics, plot and samples (a fresh start with --overwrite)."""
+        if not self.writer:
+            return
         self.metrics_path.unlink(missing_ok=True)
         self.plot_path.unlink(missing_ok=True)
         shutil.rmtree(self.samples, ignore_errors=True)
@@ -172,6 +182,8 @@ class RunDir:
     # --- plot and samples ------------------------------------------------------------------------------------------
     def plot_loss(self, records: list[dict[str, Any]], title: str = "") -> None:
         """loss.png: training loss (and its moving average) and validation loss against tokens seen."""
+        if not self.writer:
+            return
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg only: no display needed, no global state
         from matplotlib.figure import Figure
 
@@ -197,6 +209,8 @@ class RunDir:
 
     def write_samples(self, step: int, samples: list[str], prompt: str = "") -> Path:
         """samples/samples-STEP.txt, OpenAI's `==== SAMPLE n ====` headers, UTF-8 whatever the platform."""
+        if not self.writer:
+            return self.samples / f"samples-{step}.txt"
         self.samples.mkdir(parents=True, exist_ok=True)
         path = self.samples / f"samples-{step}.txt"
         _atomic_write(path, format_samples(samples, prompt).encode("utf-8"))

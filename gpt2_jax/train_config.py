@@ -57,6 +57,10 @@ class TrainConfig:
     )  # fmt: skip
     # --- batch
     devices: str = _opt("all", "'all' local devices or a number of them (data parallel)", type=str)
+    sharding: str = _opt(
+        "auto", "the params and AdamW state: replicated on every device, or split across them (fsdp)", type=str,
+        choices=("auto", "replicated", "fsdp"), shown="auto: replicated when it fits the devices' memory",
+    )  # fmt: skip
     batch_size: int = _opt(8, "global batch in sequences, over all devices and accumulation steps", type=int)
     accumulate_gradients: int = _opt(1, "micro-batches per optimizer step (divides --batch_size)", type=int)
     seq_len: int | None = _opt(None, "tokens per sequence", type=int, shown="the model's n_ctx")
@@ -92,6 +96,14 @@ class TrainConfig:
     )
     overwrite: bool = _opt(False, "allow --restore_from fresh|PATH to delete this run's checkpoints", type=bool)
     debug: bool = _opt(False, "show Python tracebacks", type=bool)
+    # --- several processes (see README: Several machines)
+    distributed: bool = _opt(
+        False, "join the other processes of a multi-host run (settings auto-detected on TPU pods, SLURM, Open MPI)",
+        type=bool,
+    )  # fmt: skip
+    coordinator: str | None = _opt(None, "HOST:PORT of process 0, with --distributed", type=str, shown="auto-detected")
+    num_processes: int | None = _opt(None, "how many processes, with --distributed", type=int, shown="auto-detected")
+    process_id: int | None = _opt(None, "this process's index, with --distributed", type=int, shown="auto-detected")
 
     @property
     def run_dir(self) -> str:
@@ -101,7 +113,10 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in PER_INVOCATION}
 
 
-PER_INVOCATION = frozenset({"run_name", "out", "devices", "restore_from", "overwrite", "debug"})
+PER_INVOCATION = frozenset(
+    {"run_name", "out", "devices", "sharding", "restore_from", "overwrite", "debug", "distributed", "coordinator",
+     "num_processes", "process_id"}
+)  # fmt: skip
 SCRATCH_PREFIX = "scratch:"
 
 # The demo: a small GPT-2 from scratch, nanoGPT's Shakespeare settings for this shape (lr 1e-3 to 1e-4). Its own
@@ -217,6 +232,11 @@ def check_ranges(values: dict[str, Any]) -> None:
     for name in ("beta1", "beta2"):
         if values.get(name) is not None and not 0 <= values[name] < 1:
             raise UsageError(f"--{name} must be at least 0 and below 1, got {values[name]}.")
+    if values.get("num_processes") is not None and values["num_processes"] < 1:
+        raise UsageError(f"--num_processes must be at least 1, got {values['num_processes']}.")
+    cluster_flags = [f"--{k}" for k in ("coordinator", "num_processes", "process_id") if values.get(k) is not None]
+    if cluster_flags and not values.get("distributed"):
+        raise UsageError(f"{' '.join(cluster_flags)} only mean something with --distributed; add it.")
     if values.get("overwrite") and values.get("restore_from") == "latest":
         raise UsageError("--overwrite deletes checkpoints, which --restore_from latest continues from; drop one.")
 

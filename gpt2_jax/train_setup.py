@@ -22,19 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import data_files, native_format
-from gpt2_jax.checkpoints import Checkpoints, abstract_like, complete_steps, half_written, resolve_checkpoint_path
+from gpt2_jax.checkpoints import Checkpoints, complete_steps, half_written, resolve_checkpoint_path
 from gpt2_jax.config import GPT2Config, count_params, get_config
 from gpt2_jax.data import TokenDataset, load_dataset
+from gpt2_jax.distributed import is_primary
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.flops import peak_flops
 from gpt2_jax.loading import default_compute_dtype, load_model
 from gpt2_jax.model import abstract_params, init_params
 from gpt2_jax.optim import learning_rate_schedule, make_optimizer
 from gpt2_jax.run_dir import RunDir
+from gpt2_jax.sharding import bytes_per_device, choose_strategy, gib, tree_shardings
 from gpt2_jax.tokenizer import gpt2_tokenizer, load_tokenizer, train_sentencepiece
 from gpt2_jax.train_config import DEMO_ACCELERATOR, DEMO_CPU, SCRATCH_PREFIX, TrainConfig, is_scratch, resolve
 from gpt2_jax.train_step import (
@@ -44,7 +45,6 @@ from gpt2_jax.train_step import (
     check_batch,
     create_state,
     make_mesh,
-    replicated,
     select_devices,
 )
 
@@ -62,6 +62,7 @@ class Session:
     dataset: TokenDataset
     seq_len: int
     mesh: jax.sharding.Mesh
+    sharding: str  # 'replicated' or 'fsdp' (sharding.py)
     state: TrainState
     train_step: Any
     eval_step: Any
@@ -85,7 +86,8 @@ class Session:
 
 
 def note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr, flush=True)
+    if is_primary():
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def find_pretrained(search_dirs: list[Path]) -> str | None:
@@ -151,25 +153,29 @@ def _dataset_texts(path: str):
     return texts
 
 
+def abstract_state(model_config: GPT2Config, optimizer: Any) -> TrainState:
+    """The training state's shapes and dtypes (`jax.eval_shape`: nothing allocated, even for 1558M)."""
+    return jax.eval_shape(lambda p: create_state(p, optimizer, 0), abstract_params(model_config))
+
+
 def restore_state(
-    source: Checkpoints, step: int | None, model_config: GPT2Config, optimizer: Any, mesh
+    source: Checkpoints, step: int | None, abstract: TrainState, shardings: TrainState
 ) -> tuple[TrainState, dict[str, Any]]:
-    sharding = replicated(mesh)
-    params_shape = abstract_params(model_config)
-    params_target = abstract_like(params_shape, sharding)
-    opt_target = abstract_like(jax.eval_shape(optimizer.init, params_shape), sharding)
-    restored_step, params, opt_state, meta = source.restore_newest(params_target, opt_target, at_most=step)
+    """The newest readable checkpoint (not after `step`), its arrays placed straight onto `shardings`."""
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored_step, params, opt_state, meta = source.restore_newest(target.params, target.opt_state, at_most=step)
     if step is not None and restored_step != step:
         note(f"checkpoint step {step} does not read back; continuing from step {restored_step} instead")
-    step_array = jax.device_put(jnp.asarray(restored_step, jnp.int32), sharding)
-    rng = jax.device_put(jnp.asarray(np.asarray(meta["rng"], np.uint32)), sharding)
+    # From numpy, not a jnp array: a process may place host values on a mesh spanning other hosts' devices.
+    step_array = jax.device_put(np.asarray(restored_step, np.int32), shardings.step)
+    rng = jax.device_put(np.asarray(meta["rng"], np.uint32), shardings.rng)
     return TrainState(params=params, opt_state=opt_state, step=step_array, rng=rng), meta
 
 
 def prepare(explicit: dict[str, Any], *, bundled_dataset: str) -> Session:
-    run = RunDir(explicit.get("out") or f"runs/{explicit.get('run_name', 'run1')}")
+    run = RunDir(explicit.get("out") or f"runs/{explicit.get('run_name', 'run1')}", writer=is_primary())
     run.create()
-    took_over = run.lock.acquire()
+    took_over = run.lock.acquire() if run.writer else None
     if took_over:
         note(took_over)
     try:
@@ -216,8 +222,8 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
         model_config = native_format.read_model_json(model_dir)
         tokenizer, params, description = load_tokenizer(model_dir), None, f"{model_dir.name}, continued"
     # How the model computes (none of it changes the params): compute dtype, remat, layers unrolled per scan step.
-    unroll = cfg.scan_unroll or (1 if _on_cpu() else model_config.n_layer)
-    model_config = model_config.replace(dtype=dtype, remat=cfg.remat, scan_unroll=min(unroll, model_config.n_layer))
+    unroll = min(cfg.scan_unroll or default_scan_unroll(model_config), model_config.n_layer)
+    model_config = model_config.replace(dtype=dtype, remat=cfg.remat, scan_unroll=unroll)
     seq_len = cfg.seq_len or model_config.n_ctx
     if seq_len > model_config.n_ctx:
         raise UsageError(f"--seq_len {seq_len} is longer than the model's context n_ctx={model_config.n_ctx}.")
@@ -229,7 +235,10 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.learning_rate / 10
     hyper = (cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, min_lr, cfg.weight_decay,
              cfg.grad_clip, cfg.beta1, cfg.beta2)  # fmt: skip
-    optimizer, init_state, train_step, eval_step = step_functions(model_config, hyper, mesh, cfg.accumulate_gradients)
+    sharding, state_bytes = choose_sharding(cfg.sharding, model_config, hyper, mesh)
+    shardings, init_state, train_step, eval_step = step_functions(
+        model_config, hyper, mesh, cfg.accumulate_gradients, sharding
+    )
 
     checkpoints = Checkpoints(run.checkpoints, keep=cfg.keep)
     meta = None
@@ -238,10 +247,14 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
         if deleted:
             note(f"--overwrite: deleted checkpoints {', '.join(map(str, deleted))} of {run.path}")
         run.clear_outputs()
+        if jax.process_count() > 1:  # each process loaded its own copy: hand the step host arrays to place
+            params = jax.device_get(params)
         state, start_step, records = init_state(params, cfg.seed), 0, []
+        del params  # the state holds the only copy the run needs
     else:
         source = checkpoints if mode == "resume" else Checkpoints(source_dir, read_only=True)
-        state, meta = restore_state(source, source_step, model_config, optimizer, mesh)
+        abstract = abstract_state(model_config, optimizer_and_schedule(hyper)[0])
+        state, meta = restore_state(source, source_step, abstract, shardings)
         start_step = int(meta["step"])
         elsewhere = source_dir != run.checkpoints.absolute()
         # Newer checkpoints here would shadow the ones this run writes: they failed to read back (resume) or
@@ -258,26 +271,42 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
     if devices[0].platform != "cpu":  # CPU "devices" share one socket: the measured peak is already the total
         peak *= len(devices)
     session = Session(
-        cfg, run, checkpoints, model_config, tokenizer, dataset, seq_len, mesh, state, train_step, eval_step,
-        start_step, meta, records, peak, description,
+        cfg, run, checkpoints, model_config, tokenizer, dataset, seq_len, mesh, sharding, state, train_step,
+        eval_step, start_step, meta, records, peak, description,
     )  # fmt: skip
-    _print_summary(session, mode, devices, per_device, min_lr, peak_source)
+    _print_summary(session, mode, devices, per_device, min_lr, peak_source, state_bytes)
     return session
 
 
+def choose_sharding(requested: str, model_config: GPT2Config, hyper: tuple, mesh) -> tuple[str, dict[str, int]]:
+    """('replicated' | 'fsdp', per-device bytes of the state under each), checked against the devices' memory
+    before anything is allocated."""
+    abstract = abstract_state(model_config, optimizer_and_schedule(hyper)[0])
+    state_bytes = {k: bytes_per_device(abstract, tree_shardings(abstract, mesh, k)) for k in ("replicated", "fsdp")}
+    device = mesh.devices.flat[0]
+    return choose_strategy(requested, state_bytes, device, mesh.devices.size), state_bytes
+
+
 @functools.lru_cache(maxsize=4)
-def step_functions(model_config: GPT2Config, hyper: tuple, mesh, accumulate: int) -> tuple:
-    """(optimizer, init_state, train_step, eval_step) per configuration: a process that trains twice (tests, a
-    notebook) compiles once, since jit caches executables per function object."""
+def optimizer_and_schedule(hyper: tuple) -> tuple:
+    """(optimizer, schedule) from the optimizer hyperparameters."""
     lr, warmup, steps, schedule_name, min_lr, weight_decay, grad_clip, b1, b2 = hyper
     schedule = learning_rate_schedule(lr, warmup_steps=warmup, total_steps=steps, schedule=schedule_name, min_lr=min_lr)
-    optimizer = make_optimizer(schedule, weight_decay=weight_decay, grad_clip=grad_clip, b1=b1, b2=b2)
-    init_state = jax.jit(lambda params, seed: create_state(params, optimizer, seed), out_shardings=replicated(mesh))
+    return make_optimizer(schedule, weight_decay=weight_decay, grad_clip=grad_clip, b1=b1, b2=b2), schedule
+
+
+@functools.lru_cache(maxsize=4)
+def step_functions(model_config: GPT2Config, hyper: tuple, mesh, accumulate: int, sharding: str) -> tuple:
+    """(state shardings, init_state, train_step, eval_step) per configuration: a process that trains twice (tests,
+    a notebook) compiles once, since jit caches executables per function object."""
+    optimizer, schedule = optimizer_and_schedule(hyper)
+    shardings = tree_shardings(abstract_state(model_config, optimizer), mesh, sharding)
+    init_state = jax.jit(lambda params, seed: create_state(params, optimizer, seed), out_shardings=shardings)
     return (
-        optimizer,
+        shardings,
         init_state,
-        build_train_step(model_config, optimizer, schedule, mesh, accumulate=accumulate),
-        build_eval_step(model_config, mesh),
+        build_train_step(model_config, optimizer, schedule, mesh, accumulate=accumulate, state_sharding=shardings),
+        build_eval_step(model_config, mesh, shardings.params),
     )
 
 
@@ -286,18 +315,33 @@ def _peak_flops(device: jax.Device, dtype: str) -> tuple[float, str]:
     return peak_flops(device, dtype)
 
 
+def default_scan_unroll(config: GPT2Config) -> int:
+    """Layers per scan iteration when --scan_unroll is not given: all of them on GPU/TPU, where the scan's slicing
+    and stacking copies cost ~25% of a 124M step (H200), one on a CPU, where unrolling only lengthens the compile."""
+    return 1 if _on_cpu() else config.n_layer
+
+
 def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _print_summary(s: Session, mode: str, devices: list, per_device: int, min_lr: float, peak_source: str) -> None:
+def _print_summary(
+    s: Session, mode: str, devices: list, per_device: int, min_lr: float, peak_source: str, state_bytes: dict
+) -> None:
     cfg, mc = s.cfg, s.model_config
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    layout = "replicated" if s.sharding == "replicated" else f"sharded {len(devices)} ways (fsdp)"
+    other = "fsdp" if s.sharding == "replicated" else "replicated"
+    state = f"state: params + AdamW {gib(state_bytes[s.sharding])} per device, {layout}"
+    if len(devices) > 1:
+        state += f"; {other}: {gib(state_bytes[other])}"
     start = {"fresh": "new run", "resume": f"resuming at step {s.start_step}", "path": f"from step {s.start_step}"}
     lines = [
         f"run: {s.run.path} ({start[mode]}), {cfg.steps} steps",
         f"model: {s.description}: {mc.n_layer} layers x {mc.n_embd} ({mc.n_head} heads), vocab {mc.n_vocab}, "
         f"{count_params(mc):,} params; {mc.dtype} compute, float32 params{', remat' if mc.remat else ''}",
-        f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform})",
+        f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}){processes}",
+        state,
         f"batch: global {cfg.batch_size} sequences = {per_device} per device x {len(devices)} devices x "
         f"{cfg.accumulate_gradients} micro-batches; seq_len {s.seq_len}; {cfg.batch_size * s.seq_len:,} tokens/step",
         f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.lr_schedule}, {cfg.warmup_steps} warmup steps"

@@ -1,9 +1,10 @@
 """The jitted training and evaluation steps, data parallel over a device mesh.
 
 `TrainState` (params, opt_state, step, rng) is a pytree; `train_step(state, batch) -> (state, metrics)` is jitted
-once with the state donated, so the update happens in place. The mesh has one axis, 'data': each batch is sharded
-along it by rows and the state is replicated, so XLA all-reduces the gradients (the `jit` + `NamedSharding`
-spelling of what `pmap` did; one program for any device count, and the same losses as one device).
+once with the state donated, so the update happens in place. The mesh has one axis, 'data', over every device of
+every process: each batch is sharded along it by rows; the state is replicated (XLA all-reduces the gradients: the
+`jit` + `NamedSharding` spelling of what `pmap` did, one program for any device count, the same losses as one
+device) or sharded along the same axis (FSDP, see sharding.py: gradients are reduce-scattered to their shards).
 
 Gradient accumulation runs inside the step: the global batch `[B, T+1]` is split into `accumulate` micro-batches
 summed by a `lax.scan`, so one dispatch covers the whole optimizer step. Row `j * accumulate + i` goes to
@@ -50,7 +51,11 @@ def create_state(params: Any, optimizer: optax.GradientTransformation, seed: int
 
 
 def select_devices(spec: str | int) -> list[jax.Device]:
-    """`all` or a count of local devices, first ones first."""
+    """`all` or a count of local devices, first ones first; a multi-process run always uses every device."""
+    if jax.process_count() > 1:
+        if str(spec) != "all":
+            raise UsageError(f"--devices {spec}: a run over several processes uses every device; drop --devices.")
+        return jax.devices()
     available = jax.local_devices()
     if str(spec) == "all":
         return available
@@ -104,8 +109,12 @@ def mean_loss(params: Any, config: GPT2Config, batch_BT1: Array) -> Array:
     return token_losses(params, config, batch_BT1).mean()
 
 
-def _loss_and_grads(params: Any, config: GPT2Config, batch_BT1: Array, accumulate: int, mesh: Mesh):
-    grad_fn = jax.value_and_grad(mean_loss)
+def _loss_and_grads(params: Any, config: GPT2Config, batch_BT1: Array, accumulate: int, mesh: Mesh, params_sharding):
+    def grad_fn(params, config, batch_BT1):
+        loss, grads = jax.value_and_grad(mean_loss)(params, config, batch_BT1)
+        # Gradients land where their params live: all-reduced when replicated, reduce-scattered when sharded.
+        return loss, jax.lax.with_sharding_constraint(grads, params_sharding)
+
     if accumulate == 1:
         return grad_fn(params, config, batch_BT1)
     B, T1 = batch_BT1.shape
@@ -117,7 +126,10 @@ def _loss_and_grads(params: Any, config: GPT2Config, batch_BT1: Array, accumulat
         loss, grads = grad_fn(params, config, micro_BT1)
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    zeros = (
+        jnp.zeros((), jnp.float32),
+        jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), params_sharding),
+    )
     (loss_sum, grad_sum), _ = jax.lax.scan(add_micro_batch, zeros, micro_ABT1)
     return loss_sum / accumulate, jax.tree.map(lambda g: g / accumulate, grad_sum)
 
@@ -129,15 +141,19 @@ def build_train_step(
     mesh: Mesh,
     *,
     accumulate: int = 1,
+    state_sharding: TrainState | None = None,
 ) -> Callable[[TrainState, Array], tuple[TrainState, Metrics]]:
     """`train_step(state, batch) -> (state, metrics)`, jitted with explicit shardings and the state donated.
 
+    state_sharding: a TrainState of NamedShardings (sharding.py); None replicates the whole state.
     metrics: `loss` (mean over the global batch, before the update), `grad_norm` (before clipping), `lr` (the
     rate this update used).
     """
+    state_sharding = state_sharding or replicated(mesh)
 
     def train_step(state: TrainState, batch_BT1: Array) -> tuple[TrainState, Metrics]:
-        loss, grads = _loss_and_grads(state.params, config, batch_BT1, accumulate, mesh)
+        params_sharding = state_sharding.params if isinstance(state_sharding, TrainState) else state_sharding
+        loss, grads = _loss_and_grads(state.params, config, batch_BT1, accumulate, mesh, params_sharding)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
@@ -145,16 +161,19 @@ def build_train_step(
 
     return jax.jit(
         train_step,
-        in_shardings=(replicated(mesh), batch_sharding(mesh)),
-        out_shardings=(replicated(mesh), replicated(mesh)),
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
     )
 
 
-def build_eval_step(config: GPT2Config, mesh: Mesh) -> Callable[[Any, Array, Array], tuple[Array, Array]]:
+def build_eval_step(
+    config: GPT2Config, mesh: Mesh, params_sharding: Any = None
+) -> Callable[[Any, Array, Array], tuple[Array, Array]]:
     """`eval_step(params, batch [B, T+1], row_weight [B]) -> (summed loss, number of predicted tokens)`.
 
-    Rows of weight 0 pad the last batch to the compiled shape and count for nothing.
+    Rows of weight 0 pad the last batch to the compiled shape and count for nothing. params_sharding: as the
+    train state's params lie (None: replicated).
     """
 
     def eval_step(params: Any, batch_BT1: Array, row_weight_B: Array) -> tuple[Array, Array]:
@@ -164,7 +183,7 @@ def build_eval_step(config: GPT2Config, mesh: Mesh) -> Callable[[Any, Array, Arr
 
     return jax.jit(
         eval_step,
-        in_shardings=(replicated(mesh), batch_sharding(mesh), batch_sharding(mesh)),
+        in_shardings=(params_sharding or replicated(mesh), batch_sharding(mesh), batch_sharding(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
     )
 

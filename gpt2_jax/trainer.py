@@ -9,7 +9,8 @@ checkpoint steps. The log line is nshepperd's with rate and MFU:
 where avg is nshepperd's bias-corrected moving average (decay 0.99). A NaN/Inf (or exploding) loss stops the run at
 once with no checkpoint written, and a checkpoint of the weights that produced it is deleted, so the last good one
 stays the newest. SIGTERM and Ctrl-C finish the step in flight, write a checkpoint and return 128 + the signal
-number (143, 130); a second Ctrl-C interrupts at once.
+number (143, 130); a second Ctrl-C interrupts at once. In a run over several processes only process 0 prints, and
+a signal to any process stops them all at the next log step (see `stop_agreed`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax.batches import BatchSampler, eval_windows
+from gpt2_jax.distributed import global_batch, host_copy, is_primary, local_rows
 from gpt2_jax.errors import UserError
 from gpt2_jax.flops import flops_per_token, measure_matmul_flops
 from gpt2_jax.run_dir import format_samples, print_utf8
 from gpt2_jax.train_setup import Session, prepare
-from gpt2_jax.train_step import all_finite, shard_batch
+from gpt2_jax.train_step import all_finite
 
 PLOT_INTERVAL_S = 30.0
 # A uniform guess scores ln(n_vocab) (10.8 nats for GPT-2); a loss far above any model's is a run blowing up.
@@ -98,6 +100,7 @@ class Loop:
         cfg, meta = s.cfg, s.meta
         self.step = s.start_step
         self.sampler = BatchSampler(s.dataset.train, cfg.batch_size, s.seq_len, cfg.seed)
+        self.rows = local_rows(s.mesh, cfg.batch_size)  # this process's share of every global batch
         if meta:
             self.sampler.restore(meta["data"])
         self.tokens_per_step = cfg.batch_size * s.seq_len
@@ -110,6 +113,10 @@ class Loop:
         self.last_plot = 0.0
 
     # --- helpers ---------------------------------------------------------------------------------------------------
+    def next_batch(self) -> jax.Array:
+        """The next global batch, of which this process reads and sends only its own rows."""
+        return global_batch(self.sampler.next_batch(self.rows), self.s.mesh, self.s.cfg.batch_size)
+
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start
 
@@ -185,12 +192,14 @@ class Loop:
         batch = s.cfg.batch_size // s.cfg.accumulate_gradients
         windows = eval_windows(s.dataset.val, batch, s.seq_len)
         total = count = 0.0
+        mine = local_rows(s.mesh, batch)
         for rows in islice(windows, s.cfg.val_batches or None):
             weight = np.zeros(batch, np.float32)
             weight[: len(rows)] = 1.0
             if len(rows) < batch:  # pad the last batch to the compiled shape; padded rows weigh nothing
                 rows = np.concatenate([rows, np.repeat(rows[-1:], batch - len(rows), axis=0)])
-            loss_sum, n = s.eval_step(s.state.params, shard_batch(rows, s.mesh), shard_batch(weight, s.mesh))
+            rows_array = global_batch(rows[mine], s.mesh, batch)
+            loss_sum, n = s.eval_step(s.state.params, rows_array, global_batch(weight[mine], s.mesh, batch))
             total, count = total + loss_sum, count + n
         val_loss = float(total) / max(float(count), 1.0)
         tqdm.write(f"[{self.step} | {self.elapsed():.2f}] validation loss={val_loss:.3f}", file=sys.stdout)
@@ -209,13 +218,29 @@ class Loop:
         from gpt2_jax.generate import generate_text  # imported late: a run without samples never needs it
 
         seed = int(np.asarray(jax.device_get(s.state.rng)).ravel()[-1]) + self.step
+        params = s.state.params
+        if s.sharding != "replicated" or jax.process_count() > 1:
+            # The sampler runs on one process's devices: gather the sharded weights (every process takes part).
+            params = host_copy(params)
+        if not is_primary():
+            return
         texts = generate_text(
-            s.state.params, s.model_config, s.tokenizer, [cfg.sample_prompt],
+            params, s.model_config, s.tokenizer, [cfg.sample_prompt],
             nsamples_per_prompt=cfg.sample_num, length=cfg.sample_length, seed=seed,
         )[0]  # fmt: skip
         path = s.run.write_samples(self.step, texts, cfg.sample_prompt)
         tqdm.write(f"[{self.step} | {self.elapsed():.2f}] samples (also in {path}):", file=sys.stdout)
         print_utf8(format_samples(texts, cfg.sample_prompt).rstrip("\n"))
+
+    def stop_agreed(self, stop: dict[str, int], *, at_log_step: bool) -> bool:
+        """Whether to save and stop after this step. One process decides alone at once; several processes must
+        agree, since saving is collective, so they compare their signal flags at log steps (where the host waits
+        anyway): a run over several hosts stops within --log_every steps of a signal to any of them."""
+        if jax.process_count() == 1:
+            return "signum" in stop
+        if not at_log_step:
+            return False
+        return bool(np.any(host_copy(np.array(["signum" in stop]))))
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -224,24 +249,28 @@ class Loop:
             print(f"{s.run.path} is already at step {self.step} of --steps {cfg.steps}; pass a larger --steps.")
             return 0
         every = lambda n: n > 0 and self.step % n == 0
-        batch = shard_batch(self.sampler.next_batch(), s.mesh)
+        batch = self.next_batch()
         pending = None  # (step, metrics) dispatched but not read yet
         last_log_step, last_log_time, first = self.step, time.perf_counter(), True
-        with stop_signals() as stop, tqdm(total=cfg.steps, initial=self.step, unit="step", disable=None) as bar:
+        with (
+            stop_signals() as stop,
+            tqdm(total=cfg.steps, initial=self.step, unit="step", disable=None if is_primary() else True) as bar,
+        ):
             while self.step < cfg.steps:
                 s.state, metrics = s.train_step(s.state, batch)
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
                 data_state = self.sampler.state()  # the data position that goes with this step
                 if self.step < cfg.steps:
-                    batch = shard_batch(self.sampler.next_batch(), s.mesh)  # overlaps the device's work
+                    batch = self.next_batch()  # overlaps the device's work
                 if pending is not None:
                     self.read(*pending)
                 pending = (self.step, metrics)
                 bar.update(1)
+                stopping = self.stop_agreed(stop, at_log_step=every(cfg.log_every))
                 boundary = (
                     every(cfg.log_every) or every(cfg.val_every) or every(cfg.sample_every)
-                    or every(cfg.save_every) or self.step == cfg.steps or "signum" in stop
+                    or every(cfg.save_every) or self.step == cfg.steps or stopping
                 )  # fmt: skip
                 if first:  # the first step includes compiling: say how long, and time the others without it
                     values, pending, first = self.read(*pending), None, False
@@ -258,13 +287,14 @@ class Loop:
                     now = time.perf_counter()
                     self.log(values, (self.step - last_log_step) * self.tokens_per_step, now - last_log_time)
                     last_log_step, last_log_time = self.step, now
-                if every(cfg.save_every) or self.step == cfg.steps or "signum" in stop:
+                if every(cfg.save_every) or self.step == cfg.steps or stopping:
                     self.save(data_state)
-                if "signum" in stop:
+                if stopping:
                     s.checkpoints.wait()
-                    name = signal.Signals(stop["signum"]).name
+                    signum = stop.get("signum", signal.SIGTERM)  # a peer process was signalled: stop as it does
+                    name = signal.Signals(signum).name
                     print(f"stopped by {name} at step {self.step}; checkpoint saved in {s.run.checkpoints}")
-                    return 128 + stop["signum"]
+                    return 128 + signum
                 paused = False  # time spent validating or sampling is not training time
                 if every(cfg.val_every) or self.step == cfg.steps:
                     self.validate()

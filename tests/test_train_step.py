@@ -88,6 +88,7 @@ PARALLEL_SCRIPT = textwrap.dedent(
     from gpt2_jax.model import init_params
     from gpt2_jax.optim import learning_rate_schedule, make_optimizer
     from gpt2_jax import train_step as ts
+    from gpt2_jax.sharding import tree_shardings
 
     assert len(jax.devices()) == 8
     config = get_config("tiny")
@@ -98,12 +99,17 @@ PARALLEL_SCRIPT = textwrap.dedent(
     batches = [np.random.default_rng(i).integers(0, config.n_vocab, (8, 33)).astype(np.int32) for i in range(3)]
     host_params = jax.tree.map(np.array, init_params(config, 0))
 
-    def run(n_devices, accumulate):
+    def run(n_devices, accumulate, sharding="replicated"):
         mesh = ts.make_mesh(jax.devices()[:n_devices])
         # A private copy per run: the donated state may reuse the input's memory (jit's resharding can alias it).
         params = jax.tree.map(np.copy, host_params)
-        state = jax.jit(lambda p: ts.create_state(p, optimizer, 0), out_shardings=ts.replicated(mesh))(params)
-        step = ts.build_train_step(config, optimizer, schedule, mesh, accumulate=accumulate)
+        create = lambda p: ts.create_state(p, optimizer, 0)
+        shardings = tree_shardings(jax.eval_shape(create, params), mesh, sharding)
+        state = jax.jit(create, out_shardings=shardings)(params)
+        if sharding == "fsdp":  # the big matrices really are split 8 ways, the optimizer moments with them
+            assert state.params["wte"].sharding.shard_shape(state.params["wte"].shape)[1] == config.n_embd // 8
+            assert state.opt_state[1][0].mu["h"]["mlp"]["c_fc"]["w"].addressable_shards[0].data.shape[2] == 32
+        step = ts.build_train_step(config, optimizer, schedule, mesh, accumulate=accumulate, state_sharding=shardings)
         losses = []
         for batch in batches:
             state, metrics = step(state, ts.shard_batch(batch, mesh))
@@ -115,8 +121,9 @@ PARALLEL_SCRIPT = textwrap.dedent(
 
     base_losses, base_params = run(1, 1)
     result = {"base_losses": base_losses}
-    for name, (n, acc) in {"devices8": (8, 1), "accumulate4x2": (1, 4)}.items():
-        losses, params = run(n, acc)
+    runs = {"devices8": (8, 1, "replicated"), "accumulate4x2": (1, 4, "replicated"), "fsdp8x2": (8, 2, "fsdp")}
+    for name, (n, acc, sharding) in runs.items():
+        losses, params = run(n, acc, sharding)
         result[name] = {"loss": max(abs(a - b) for a, b in zip(losses, base_losses)),
                         "params": max_diff(params, base_params)}
     print("RESULT " + json.dumps(result))
@@ -124,9 +131,10 @@ PARALLEL_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # a subprocess with 8 CPU devices compiling three step variants: ~35 s on 2 cores
+@pytest.mark.slow  # a subprocess with 8 CPU devices compiling four step variants: ~45 s on 2 cores
 def test_data_parallel_and_accumulation_match_one_device():
-    """8 devices x 1 row and 1 device x 4 micro-batches of 2 both equal 1 device x 8 rows (<= 1e-5), 3 steps."""
+    """8 devices x 1 row, 1 device x 4 micro-batches of 2, and 8 devices with the state sharded (fsdp) x 2
+    micro-batches all equal 1 device x 8 rows (<= 1e-5), 3 steps."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "-c", PARALLEL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
@@ -134,6 +142,6 @@ def test_data_parallel_and_accumulation_match_one_device():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["base_losses"][2] < result["base_losses"][0]  # it trains
-    for name in ("devices8", "accumulate4x2"):
+    for name in ("devices8", "accumulate4x2", "fsdp8x2"):
         assert result[name]["loss"] <= 1e-5, (name, result[name])
         assert result[name]["params"] <= 1e-5, (name, result[name])

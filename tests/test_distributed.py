@@ -1,0 +1,110 @@
+"""train.py over several processes (jax.distributed on 127.0.0.1, gloo collectives between CPU devices).
+
+Three real runs of train.py, on a constant learning rate so that a 4-step run resumed to 6 steps equals a straight
+6-step run:
+    A  1 process x 4 devices, 6 steps (the reference)
+    B  2 processes x 2 devices, 4 steps, state sharded across all 4 devices (fsdp), samples at the end
+    C  B's run directory resumed in 1 process x 4 devices (replicated) to step 6
+B's losses equal A's for steps 1-4 and C's equal A's for steps 5-6 (<= 1e-5): the global batch, the collectives and
+the checkpoint (written by two processes, read by one, resharded on the way) are all exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    text = (ROOT / "data" / "shakespeare" / "macbeth_gut.txt").read_text(encoding="utf-8")[:40_000]
+    path = tmp_path_factory.mktemp("data") / "macbeth.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def train_args(corpus: Path, out: Path, steps: int) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "train.py"), "--init", "scratch:tiny", "--dataset", str(corpus), "--out", str(out),
+        "--seq_len", "32", "--batch_size", "8", "--steps", str(steps), "--learning_rate", "3e-3",
+        "--lr_schedule", "constant", "--warmup_steps", "2", "--log_every", "1", "--val_every", "0",
+        "--val_batches", "2", "--save_every", "4", "--sample_num", "0",
+    ]  # fmt: skip
+
+
+def env_with_devices(n: int) -> dict[str, str]:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_one(args: list[str], devices: int) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=ROOT, env=env_with_devices(devices), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def run_processes(args: list[str], n_processes: int, devices_each: int) -> list[tuple[int, str, str]]:
+    """Start every process of one run, wait for all; kill the rest if one fails or hangs."""
+    cluster = ["--distributed", "--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", str(n_processes)]
+    popen = dict(
+        cwd=ROOT, env=env_with_devices(devices_each), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    procs = [subprocess.Popen([*args, *cluster, "--process_id", str(i)], **popen) for i in range(n_processes)]
+    try:
+        results = []
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=TIMEOUT_S)
+            results.append((p.returncode, stdout, stderr))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.slow  # four train.py processes with compiles: ~60 s on 2 cores
+def test_two_processes_train_like_one_and_resume_in_one(corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_one(train_args(corpus, a, 6), devices=4)
+
+    results = run_processes([*train_args(corpus, b, 4), "--sharding", "fsdp", "--sample_num", "1",
+                             "--sample_length", "4"], n_processes=2, devices_each=2)  # fmt: skip
+    for i, (code, _, stderr) in enumerate(results):
+        assert code == 0, f"process {i}: {stderr[-3000:]}"
+    primary_out, other_out = results[0][1], results[1][1]
+    assert "devices: 4 x cpu (cpu) in 2 processes" in primary_out
+    assert "sharded 4 ways (fsdp)" in primary_out
+    assert "[4 |" in primary_out and "==== SAMPLE 1 ====" in primary_out
+    assert "[4 |" not in other_out and "SAMPLE" not in other_out  # only process 0 speaks
+    assert (b / "samples" / "samples-4.txt").is_file()
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["4"]
+
+    resumed = run_one([*train_args(corpus, b, 6), "--restore_from", "latest"], devices=4)
+    assert "resuming at step 4" in resumed.stdout and "replicated" in resumed.stdout
+
+    reference, distributed = losses(a), losses(b)
+    assert sorted(distributed) == [1, 2, 3, 4, 5, 6]
+    assert reference[6] < reference[1]  # it trains
+    for step in range(1, 7):
+        assert abs(distributed[step] - reference[step]) <= 1e-5, (step, distributed[step], reference[step])
