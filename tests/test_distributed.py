@@ -24,14 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    text = (ROOT / "data" / "shakespeare" / "macbeth_gut.txt").read_text(encoding="utf-8")[:40_000]
-    path = tmp_path_factory.mktemp("data") / "macbeth.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def train_args(corpus: Path, out: Path, steps: int) -> list[str]:
     return [
         sys.executable, str(ROOT / "train.py"), "--init", "scratch:tiny", "--dataset", str(corpus), "--out", str(out),

@@ -34,14 +34,6 @@ STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    text = (ROOT / "data" / "shakespeare" / "macbeth_gut.txt").read_text(encoding="utf-8")[:40_000]
-    path = tmp_path_factory.mktemp("data") / "macbeth.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def flags(corpus) -> dict:
     return dict(
         init="scratch:tiny", dataset=str(corpus), seq_len=32, batch_size=8, steps=STEPS, learning_rate=3e-3,
