@@ -2,6 +2,7 @@
 
     python -m benchmarks --suite quick --compare pytorch          # ~3 min on an idle 2-core CPU: both CPU goals
     python -m benchmarks --suite full --json out.json --plot out.png   # a GPU/TPU: 124M at T=1024 in bf16, all devices
+    python -m benchmarks --suite scaling        # one global batch on 1, 2, 4... devices (8 host devices on a CPU)
     python -m benchmarks --job train --preset 124M --batch 8,16 --seq 1024 --dtype bfloat16 --attention cudnn,xla
     python -m benchmarks --job decode --preset 124M --batch 1,8,64 --seq 16 --new_tokens 128
 
@@ -13,9 +14,13 @@ after every point, so an interrupted run keeps what it measured. benchmarks/suit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
+
+import jax
 
 from benchmarks import report, suite
 from gpt2_jax.cli import run_cli
@@ -45,40 +50,68 @@ def _remat(text: str) -> tuple[bool, ...]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    p.add_argument("--suite", default="quick", choices=sorted(suite.SUITES), help="named sweep (default: quick)")
+    p.add_argument("--suite", default="quick", choices=suite.SUITE_NAMES, help="named sweep (default: quick)")
     p.add_argument("--compare", choices=["pytorch"], help="also time Hugging Face PyTorch GPT-2 at the same points")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point after warm-up (default: 3)")
     p.add_argument("--json", help="write {environment, points} here (rewritten after every point)")
     p.add_argument("--plot", help="write a PNG of tokens/s against batch size here")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    custom = p.add_argument_group("a sweep of your own (replaces --suite when --job is given)")
+    custom = p.add_argument_group(
+        "a sweep of your own (replaces --suite when --job is given; with --suite scaling, changes its points)"
+    )
     custom.add_argument("--job", choices=["train", "decode"], help="decode also measures prefill")
-    custom.add_argument("--preset", type=_names, default=("124M",), help="model presets, comma-separated")
-    custom.add_argument("--batch", type=_ints, default=(8,), help="global batch sizes (sequences), comma-separated")
-    custom.add_argument("--seq", type=int, default=None, help="train: tokens per sequence; decode: prompt tokens")
-    custom.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    custom.add_argument("--attention", type=_names, default=("auto",), help="train: auto,xla,cudnn (comma list)")
-    custom.add_argument("--remat", type=_remat, default=(False,), help="train: off, on or off,on")
-    custom.add_argument("--devices", type=_names, default=("1",), help="train: device counts or 'all' (comma list)")
+    custom.add_argument("--preset", type=_names, help="model presets, comma-separated (default: 124M)")
+    custom.add_argument("--batch", type=_ints, help="global batch sizes (sequences), comma-separated (default: 8)")
+    custom.add_argument("--seq", type=int, help="train: tokens per sequence (default 1024); decode: prompt (16)")
+    custom.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: float32)")
+    custom.add_argument("--attention", type=_names, help="train: auto,xla,cudnn (comma list; default: auto)")
+    custom.add_argument("--remat", type=_remat, help="train: off, on or off,on (default: off)")
+    custom.add_argument("--scan_unroll", type=_ints, help="train: layers per scan step (default: train.py's)")
+    custom.add_argument("--devices", type=_names, help="train: device counts or 'all', comma list (default: 1)")
     custom.add_argument("--new_tokens", type=int, default=128, help="decode: tokens generated per sequence")
     custom.add_argument("--top_k", type=int, default=40, help="decode: top-k of the sampler")
     custom.add_argument("--compare_at", type=_ints, default=None, help="only compare with PyTorch at these batches")
     return p.parse_args(argv)
 
 
+# Flags that shape a sweep, and the Sweep field each sets.
+SWEEP_FLAGS = dict(
+    preset="presets", batch="batches", seq="seq", dtype="dtype", attention="attention", remat="remat",
+    scan_unroll="scan_unroll", devices="devices", compare_at="compare_batches",
+)  # fmt: skip
+
+
 def build_sweeps(args: argparse.Namespace) -> tuple[suite.Sweep, ...]:
-    if args.job is None:
-        return suite.SUITES[args.suite]
-    seq = args.seq or (1024 if args.job == "train" else 16)
-    if seq < 1 or args.new_tokens < 1 or args.top_k < 0:
+    given = {field: getattr(args, flag) for flag, field in SWEEP_FLAGS.items() if getattr(args, flag) is not None}
+    if given.get("seq", 1) < 1 or args.new_tokens < 1 or args.top_k < 0:
         raise UsageError("--seq and --new_tokens must be at least 1 and --top_k at least 0.")
-    return (
-        suite.Sweep(
-            args.job, args.preset, args.batch, seq=seq, dtype=args.dtype, attention=args.attention,
-            remat=args.remat, devices=args.devices, new_tokens=args.new_tokens, top_k=args.top_k,
-            compare_batches=args.compare_at,
-        ),
-    )  # fmt: skip
+    if args.job is not None:
+        seq = given.pop("seq", 1024 if args.job == "train" else 16)
+        given = {"presets": ("124M",), "batches": (8,), **given}
+        return (suite.Sweep(args.job, seq=seq, new_tokens=args.new_tokens, top_k=args.top_k, **given),)
+    if args.suite == "scaling":
+        return tuple(dataclasses.replace(sweep, **given) for sweep in suite.named_suite("scaling"))
+    if given:
+        names = ", ".join(f"--{flag}" for flag in SWEEP_FLAGS if getattr(args, flag) is not None)
+        raise UsageError(f"{names} shape a sweep of your own: add --job train or --job decode, or use --suite scaling.")
+    return suite.named_suite(args.suite)
+
+
+def use_host_devices(n: int, log=print) -> None:
+    """Split a machine's CPU into `n` JAX devices, unless XLA_FLAGS or JAX_NUM_CPU_DEVICES already chose a count.
+
+    Through jax's own `jax_num_cpu_devices` option rather than XLA_FLAGS=--xla_force_host_platform_device_count:
+    that flag must be in the environment before jax is imported (so before this module's imports: argv sniffing, or
+    a re-exec of the whole process), while the option may be set any time before the first JAX operation, here
+    after the flags are parsed. It changes only the CPU platform, so on a GPU or TPU machine the accelerators stay
+    the devices and nothing needs detecting first (which would start the backends, too late to split the CPU).
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices > 0:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # JAX already runs in this process (main() called from Python): keep its devices
+        log(f"JAX already started here with {len(jax.devices('cpu'))} CPU device(s); the scaling suite uses those.")
 
 
 def pytorch_available(log=print) -> bool:
@@ -92,8 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {args.repeats}.")
-    sweeps = build_sweeps(args)
     log = lambda line: print(line, flush=True)
+    if args.suite == "scaling" and args.job is None:
+        use_host_devices(suite.SCALING_HOST_DEVICES, log)  # before anything starts JAX's backends
+    sweeps = build_sweeps(args)
     env = report.environment()
     log(report.describe_environment(env))
     compare = args.compare == "pytorch" and pytorch_available(log)

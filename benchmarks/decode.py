@@ -31,17 +31,11 @@ from gpt2_jax.sampling import SamplingConfig, decode_chunk, prefill_and_sample
 NO_EOT = np.int32(-1)  # no row ever stops early: every run decodes exactly the asked number of tokens
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def time_ours(weights: Any, config: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int) -> dict:
-    """Seconds to compile, to prefill (+ first draw), and to decode the other `new_tokens - 1` tokens."""
+def time_ours(
+    weights: Any, config: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int
+) -> dict[str, Any]:
+    """{'compile_s': seconds, 'prefill_s': [seconds per run], 'decode_s': [seconds per run]}: the compile, then for
+    each of `repeats` runs after a warm-up the prefill (+ first draw) and the decoding of the other `new_tokens - 1`."""
     B, T = prompt_BT.shape
     slots = cache_slots(prompt_bucket(T, config.n_ctx) + new_tokens - 1, config.n_ctx)  # generate.py's buckets
     static = dict(config=config, sampling=SamplingConfig(top_k=top_k))
@@ -56,50 +50,57 @@ def time_ours(weights: Any, config: Any, prompt_BT: np.ndarray, new_tokens: int,
 
     def run_prefill():
         state, first_B = prefill(*prefill_args)
-        jax.block_until_ready(first_B)
+        jax.block_until_ready(first_B)  # one program: the state is ready with it
         return state
 
     def run_decode(state):
-        state, _, n = decode(weights, state, *decode_args)
+        state, _, n = decode(weights, state, *decode_args)  # donates `state`: a fresh prefill for every run
         assert int(n) == new_tokens - 1
-        return state
+        return jax.block_until_ready(state)
 
-    jax.block_until_ready(run_decode(run_prefill()))  # warm-up
-    prefill_s = _median_seconds(run_prefill, repeats)
-    states = [run_prefill() for _ in range(repeats)]  # prefilled outside the timing: decode donates its state
-    decode_s = _median_seconds(lambda: jax.block_until_ready(run_decode(states.pop())), repeats)
+    run_decode(run_prefill())  # warm-up
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state = run_prefill()
+        middle = time.perf_counter()
+        run_decode(state)
+        prefill_s.append(middle - start)
+        decode_s.append(time.perf_counter() - middle)
     return {"compile_s": compile_s, "prefill_s": prefill_s, "decode_s": decode_s}
 
 
-def hf_model(params: Any, config: Any):
-    """A float32 PyTorch GPT2LMHeadModel holding exactly `params` (head tied to wte)."""
-    import torch
-    import transformers
-
-    from gpt2_jax.hf_format import params_to_hf_state_dict
-
-    hf_config = transformers.GPT2Config(**config.to_hf_config(), attn_implementation="eager")
-    with torch.device("meta"):
-        model = transformers.GPT2LMHeadModel(hf_config)
-    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in params_to_hf_state_dict(params).items()}
-    model.transformer.load_state_dict(state, strict=False, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight
-    return model.eval()
-
-
-def time_pytorch(model: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int) -> float:
+def hf_model(params: Any, config: Any, *, device: str = "cpu", dtype: str = "float32") -> Any:
+    """The PyTorch reference for sampling: GPT2LMHeadModel holding exactly `params` on `device`, weights in `dtype`,
+    eval mode; plain ('eager') attention on a CPU, PyTorch's fused SDPA on CUDA."""
     import torch
 
-    ids = torch.from_numpy(prompt_BT.astype(np.int64))
+    from benchmarks.train import torch_model
+
+    model = torch_model(config, params, device, attention="eager" if device == "cpu" else "sdpa")
+    return model.to(getattr(torch, dtype)).eval()
+
+
+def time_pytorch(
+    model: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int, *, device: str = "cpu"
+) -> list[float]:
+    """Seconds per `model.generate` call on `device` (sampling, top-k, KV cache, no early stop), after a warm-up."""
+    import torch
+
+    ids = torch.from_numpy(prompt_BT.astype(np.int64)).to(device)
     kwargs = dict(do_sample=True, top_k=top_k, use_cache=True, pad_token_id=0, eos_token_id=None)
 
-    def generate(n: int) -> None:
+    def generate(n: int) -> float:
+        start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
         assert out.shape[1] == prompt_BT.shape[1] + n
+        return time.perf_counter() - start
 
     generate(2)  # warm-up
-    return _median_seconds(lambda: generate(new_tokens), repeats)
+    return [generate(new_tokens) for _ in range(repeats)]
 
 
 def run(
@@ -134,23 +135,26 @@ def run(
             prompt_BT = np.random.default_rng(0).integers(0, config.n_vocab, (batch, prompt_len)).astype(np.int32)
             for new_tokens in lengths:
                 ours = time_ours(weights, config, prompt_BT, new_tokens, top_k, repeats)
-                generate_s = ours["prefill_s"] + ours["decode_s"]
+                prefill_s, decode_s = float(np.median(ours["prefill_s"])), float(np.median(ours["decode_s"]))
+                generate_s = prefill_s + decode_s
                 common = dict(
                     preset=preset, n_layer=config.n_layer, n_embd=config.n_embd, batch=batch, seq=prompt_len,
                     new_tokens=new_tokens, dtype=dtype, devices=1, compile_s=round(ours["compile_s"], 3),
                 )  # fmt: skip
-                torch_s = time_pytorch(torch_model, prompt_BT, new_tokens, top_k, repeats) if pytorch else None
+                torch_s = None
+                if pytorch:
+                    torch_s = float(np.median(time_pytorch(torch_model, prompt_BT, new_tokens, top_k, repeats)))
                 decode = dict(
                     job="decode", **common, tokens_per_s=batch * new_tokens / generate_s,
-                    per_token_ms=1e3 * ours["decode_s"] / max(new_tokens - 1, 1),
+                    per_token_ms=1e3 * decode_s / max(new_tokens - 1, 1),
                     pytorch_tokens_per_s=None if torch_s is None else batch * new_tokens / torch_s,
                 )  # fmt: skip
                 decode["ratio"] = (
                     decode["pytorch_tokens_per_s"] and decode["tokens_per_s"] / decode["pytorch_tokens_per_s"]
                 )
                 prefill = dict(
-                    job="prefill", **common, tokens_per_s=batch * prompt_len / ours["prefill_s"],
-                    prefill_ms=1e3 * ours["prefill_s"], pytorch_tokens_per_s=None, ratio=None,
+                    job="prefill", **common, tokens_per_s=batch * prompt_len / prefill_s,
+                    prefill_ms=1e3 * prefill_s, pytorch_tokens_per_s=None, ratio=None,
                 )  # fmt: skip
                 points += [prefill, decode]
                 log(format_point(decode))

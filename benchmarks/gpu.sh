@@ -10,7 +10,8 @@
 # hang in one step costs only that step (and a step killed at its limit keeps the points it finished):
 #   1. the device (nvidia-smi)
 #   2. benchmarks.gpu_check: bf16 matmul and copy ceilings, bf16/cuDNN logits against fp32 on a random 124M
-#   3. 124M training at T=1024 in bf16 with cuDNN attention at three batch sizes, PyTorch at the middle one
+#   3. 124M training at T=1024 in bf16 with cuDNN attention at three batch sizes, PyTorch at the middle one (layers
+#      unrolled per scan step as train.py runs them on a GPU)
 #   4. decode (124M, 16-token prompt, 128 new tokens, top-k 40) at batch 1/8/64, against PyTorch
 #   5. the same training with XLA attention at one batch (last: the least important)
 # Few distinct shapes on purpose: each costs a compile of ~30-60 s.

@@ -1,10 +1,11 @@
 """Where a GPU training step spends its time: variants timed side by side, and the top kernels of one traced step.
 
-    python -m benchmarks.gpu_profile --out DIR [--batch 16] [--seq 1024] [--variants base,unroll]
+    python -m benchmarks.gpu_profile --out DIR [--batch 16] [--seq 1024] [--variants base,scan]
 
 Each variant is the real `train_step` (benchmarks/train.py's `time_ours`) on GPT-2 124M in bf16 with a config
-change; the trace is read back here (Perfetto JSON written by `jax.profiler`) and summed per kernel name, so the
-table needs no TensorBoard. Run by benchmarks/gpu.sh after the sweep, to say what limited it.
+change from `base`, which is what train.py runs there (layers unrolled on a GPU); the traced run is `base`. The
+trace is read back here (Perfetto JSON written by `jax.profiler`) and summed per kernel name, so the
+table needs no TensorBoard. Run on a lent GPU after benchmarks/gpu.sh, to say what limited the sweep.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import os
 import jax
 import numpy as np
 
-from benchmarks.train import random_batch, time_ours
-from gpt2_jax.config import get_config
+from benchmarks.train import model_config, random_batch, time_ours
 from gpt2_jax.flops import flops_per_token
 from gpt2_jax.model import init_params
 
 VARIANTS = {
     "base": {},
+    "scan": {"scan_unroll": 1},
     "unroll": {"scan_unroll": 12},
     "remat": {"remat": True},
     "xla_attention": {"attention": "xla"},
@@ -61,13 +62,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--variants", default="base,unroll")
+    parser.add_argument("--variants", default="base,scan")
     parser.add_argument("--trace_steps", type=int, default=2)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    base = get_config("124M", dtype="bfloat16", attention="cudnn" if jax.default_backend() == "gpu" else "xla")
+    base = model_config("124M", dtype="bfloat16", attention="cudnn" if jax.default_backend() == "gpu" else "xla")
     if jax.default_backend() != "gpu":  # a smoke test anywhere else
-        base = get_config("tiny", dtype="float32")
+        base = model_config("tiny", dtype="float32")
         args.batch, args.seq = 2, 32
     params = init_params(base, 0)
     batch = random_batch(base, args.batch, args.seq)

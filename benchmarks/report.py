@@ -58,6 +58,7 @@ def environment() -> dict[str, Any]:
         "transformers": _version("transformers"),
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_num_cpu_devices": jax.config.jax_num_cpu_devices,  # -1: not set (see benchmarks/__main__.py)
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host_cpu": _cpu_model(),
         "host_cpu_count": os.cpu_count(),
@@ -87,11 +88,13 @@ def _percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _row(p: dict[str, Any]) -> list[str]:
+def _row(p: dict[str, Any], scaling: bool) -> list[str]:
     seq = f"{p['seq']}+{p['new_tokens']}" if p.get("new_tokens") else str(p["seq"])
     model = f"{p['preset']} {p['n_layer']}x{p['n_embd']}"
     remat = "on" if p.get("remat") else "off"
-    common = [p["job"], model, str(p["batch"]), seq, p["dtype"], p.get("attention", "-"), remat, str(p["devices"])]
+    unroll = str(p.get("scan_unroll") or "-")
+    common = [p["job"], model, str(p["batch"]), seq, p["dtype"], p.get("attention", "-"), remat, unroll]
+    common.append(str(p["devices"]))
     if p.get("error"):
         return [*common, f"FAILED: {p['error']}"]
     spread = f"{_number(p.get('tokens_per_s_min'))}-{_number(p.get('tokens_per_s_max'))}"
@@ -100,6 +103,7 @@ def _row(p: dict[str, Any]) -> list[str]:
         *common,
         _number(p["tokens_per_s"]),
         spread,
+        *([_percent(p.get("scaling_efficiency"))] if scaling else []),
         _number(p.get("compile_s"), 1),
         _percent(p.get("mfu")),
         _number(p["model_flops_per_s"] / 1e12, 2) if p.get("model_flops_per_s") else "-",
@@ -111,21 +115,32 @@ def _row(p: dict[str, Any]) -> list[str]:
 
 
 HEADER = [
-    "job", "model", "batch", "seq", "dtype", "attn", "remat", "dev", "tok/s", "min-max", "compile s", "MFU",
+    "job", "model", "batch", "seq", "dtype", "attn", "remat", "unroll", "dev", "tok/s", "min-max", "compile s", "MFU",
     "TFLOP/s", "peak GiB", "of BW", "PyTorch tok/s", "ratio",
 ]  # fmt: skip
+SCALING_COLUMN = "scaling"  # after min-max, where any point has a scaling_efficiency
+SCALING_NOTE = (
+    "scaling: tokens/s over the 1-device tokens/s at the same global batch, over the ideal speed-up (N on N\n"
+    "accelerators; 1 on a CPU, whose host devices share the same cores: there it is the cost of data parallelism,\n"
+    "not a speed-up)."
+)
 
 
 def format_table(points: Sequence[dict[str, Any]]) -> str:
-    """One aligned text row per point (median tokens/s, its min-max over the timed runs, and the rest)."""
-    rows = [HEADER] + [_row(p) for p in points]
-    widths = [max(len(r[i]) for r in rows if i < len(r) and not r[i].startswith("FAILED")) for i in range(len(HEADER))]
+    """One aligned text row per point (median tokens/s, its min-max over the timed runs, and the rest); with a
+    scaling column and a note under the table where points were measured on several device counts."""
+    scaling = any(p.get("scaling_efficiency") is not None for p in points)
+    header = list(HEADER)
+    if scaling:
+        header.insert(header.index("min-max") + 1, SCALING_COLUMN)
+    rows = [header] + [_row(p, scaling) for p in points]
+    widths = [max(len(r[i]) for r in rows if i < len(r) and not r[i].startswith("FAILED")) for i in range(len(header))]
     lines = []
     for r in rows:
         cells = [c.rjust(widths[i]) if i >= 2 else c.ljust(widths[i]) for i, c in enumerate(r[:-1])] + [r[-1]]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + ([SCALING_NOTE] if scaling else []))
 
 
 # --- files -----------------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
-"""Named benchmark sweeps (`toy`, `quick`, `full`) and the runner that measures every point of them.
+"""Named benchmark sweeps (`toy`, `quick`, `full`, `scaling`) and the runner that measures every point of them.
 
-A sweep is one job over a grid: presets x batch sizes x attention x remat x device counts. Training points come from
-`benchmarks/train.py`, prefill and decode points from `benchmarks/decode.py`; this file adds what the suite promises
-on top of them: several timed runs per point (median and min/max), MFU against the device's peak (a datasheet for
-known accelerators, a matmul measured in this run on a CPU), model FLOP/s, device memory, the memory-bandwidth
-bound for decoding, and the PyTorch comparison (on the GPU too, in the compute dtype). A point that fails is kept
-with its `error` and the rest still run.
+A sweep is one job over a grid: presets x batch sizes x attention x remat x scan unroll x device counts. Training
+points come from `benchmarks/train.py`, prefill and decode points from `benchmarks/decode.py`; this file adds what
+the suite promises on top of them: several timed runs per point (median and min/max), MFU against the device's peak
+(a datasheet for known accelerators, a matmul measured in this run on a CPU), model FLOP/s, device memory, the
+memory-bandwidth bound for decoding, the PyTorch comparison (on the GPU too, in the compute dtype) and the scaling
+over device counts. A point that fails is kept with its `error` and the rest still run.
 
 Fields of a point:
     job                 'train', 'prefill' or 'decode'
     preset n_layer n_embd dtype attention remat devices
+    scan_unroll         train: layers per scan step, as the model ran (default: train.py's, 1 on a CPU, all on GPU/TPU)
     batch               global batch in sequences
     seq                 train: tokens per sequence; prefill and decode: prompt tokens
     new_tokens          decode: tokens generated per sequence (top-k sampling, no early stop)
@@ -23,14 +24,18 @@ Fields of a point:
     memory_bytes_in_use, memory_peak_bytes   where the backend reports them (peak since the process started)
     bandwidth_fraction, bound_ms_per_step, bytes_per_step   decode: see benchmarks/bandwidth.py
     pytorch_tokens_per_s, pytorch_tokens_per_s_min/_max, ratio   with --compare pytorch
+    speedup, scaling_efficiency   train points measured on several device counts at the same global batch and
+                        configuration (the `scaling` suite): tokens/s over the 1-device point's, and that speed-up over
+                        the ideal one, which is the ratio of the peaks (N on N accelerators; 1 on a CPU, whose host
+                        devices share the same cores, so there it is the cost of data parallelism, not a speed-up)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -39,6 +44,7 @@ import jax
 import numpy as np
 
 from benchmarks import bandwidth, decode
+from benchmarks import train as train_bench
 from gpt2_jax.config import get_config
 from gpt2_jax.decoder import decode_weights
 from gpt2_jax.errors import UsageError
@@ -61,13 +67,16 @@ class Sweep:
     new_tokens: int = 128  # decode only
     top_k: int = 40  # decode only
     compare_batches: tuple[int, ...] | None = None  # where --compare pytorch applies; None: every batch
-    batch_per_device: bool = False  # train: `batches` are per device (scaling runs), else global
+    batch_per_device: bool = False  # train: `batches` are per device (weak scaling), else global
+    scan_unroll: tuple[int | None, ...] = (None,)  # train only: layers per scan step; None: train.py's default
 
     def grid(self) -> Iterator[dict[str, Any]]:
-        for preset, remat, attention, devices, batch in itertools.product(
-            self.presets, self.remat, self.attention, self.devices, self.batches
+        for preset, remat, attention, scan_unroll, devices, batch in itertools.product(
+            self.presets, self.remat, self.attention, self.scan_unroll, self.devices, self.batches
         ):
-            yield dict(preset=preset, batch=batch, attention=attention, remat=remat, devices=devices)
+            yield dict(
+                preset=preset, batch=batch, attention=attention, remat=remat, scan_unroll=scan_unroll, devices=devices
+            )
 
 
 _GPU_TRAIN = dict(presets=("124M",), seq=1024, dtype="bfloat16")
@@ -83,17 +92,42 @@ SUITES: dict[str, tuple[Sweep, ...]] = {
         Sweep("decode", ("124M",), (1, 8), seq=16, new_tokens=128),
     ),
     # Accelerators: GPT-2 124M at full context in bf16, the fused attention ('auto': cuDNN on a GPU) against XLA's,
-    # remat, a batch sweep, 16 sequences per device on every local device, decode from batch 1 (bound by reading
-    # the weights) to 64 (by the KV cache too).
+    # the layer scan against train.py's unrolled layers, remat, a batch sweep, 16 sequences per device on every local
+    # device, decode from batch 1 (bound by reading the weights) to 64 (by the KV cache too).
     "full": (
         Sweep("train", **_GPU_TRAIN, batches=(8, 16, 32), compare_batches=(16,)),
         Sweep("train", **_GPU_TRAIN, batches=(16,), attention=("xla",)),
+        Sweep("train", **_GPU_TRAIN, batches=(16,), scan_unroll=(1,)),
         Sweep("train", **_GPU_TRAIN, batches=(32, 64), remat=(True,)),
         Sweep("train", **_GPU_TRAIN, batches=(16,), devices=("all",), batch_per_device=True),
         Sweep("decode", ("124M",), (1, 8, 64), seq=16, new_tokens=128, dtype="bfloat16"),
         Sweep("decode", ("124M",), (64,), seq=16, new_tokens=1000, dtype="bfloat16"),
     ),
 }
+
+
+SUITE_NAMES = (*SUITES, "scaling")
+SCALING_HOST_DEVICES = 8  # CPU devices the scaling suite asks for on a machine without accelerators
+
+
+def named_suite(name: str) -> tuple[Sweep, ...]:
+    return scaling_suite() if name == "scaling" else SUITES[name]
+
+
+def scaling_suite(n_devices: int | None = None, platform: str | None = None) -> tuple[Sweep, ...]:
+    """Training at one global batch on 1, 2, 4, ... devices up to every local one (the last count is all of them).
+
+    A CPU: GPT-2 `mini` (6 x 384), fp32, 8 x 256 (as the training goal), over the host devices that `python -m
+    benchmarks --suite scaling` makes; accelerators: 124M, bf16, 32 x 1024. The batch is rounded up to a multiple
+    of every device count, so it always splits evenly. n_devices, platform: this machine's unless given.
+    """
+    n = n_devices or len(jax.local_devices())
+    counts = sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
+    on_cpu = (platform or jax.default_backend()) == "cpu"
+    preset, seq, dtype, target = ("mini", 256, "float32", 8) if on_cpu else ("124M", 1024, "bfloat16", 32)
+    multiple = math.lcm(*counts)
+    batch = multiple * -(-target // multiple)
+    return (Sweep("train", (preset,), (batch,), seq=seq, dtype=dtype, devices=tuple(map(str, counts))),)
 
 
 def resolve_devices(spec: str) -> int:
@@ -107,7 +141,8 @@ def resolve_devices(spec: str) -> int:
 
 
 def _resolve(sweep: Sweep, spec: dict[str, Any]) -> dict[str, Any]:
-    """Device count, global batch and attention as they will run (left as given where they cannot resolve)."""
+    """Device count, global batch, attention and scan unroll as they will run (left as given where they cannot
+    resolve)."""
     spec = dict(spec)
     if spec["devices"] == "all" or spec["devices"].isdigit():
         spec["devices"] = str(len(jax.local_devices())) if spec["devices"] == "all" else spec["devices"]
@@ -115,8 +150,12 @@ def _resolve(sweep: Sweep, spec: dict[str, Any]) -> dict[str, Any]:
             spec["batch"] *= int(spec["devices"])
     if sweep.job != "train":
         spec["attention"] = "-"  # not a choice when decoding: model.py picks the path for a cache
-    elif spec["attention"] == "auto":
-        spec["attention"] = attention_implementation(get_config(spec["preset"], dtype=sweep.dtype))
+        spec["scan_unroll"] = None
+        return spec
+    config = train_bench.model_config(spec["preset"], dtype=sweep.dtype, scan_unroll=spec["scan_unroll"])
+    spec["scan_unroll"] = config.scan_unroll
+    if spec["attention"] == "auto":
+        spec["attention"] = attention_implementation(config)
     return spec
 
 
@@ -152,8 +191,11 @@ class Runner:
             params = init_params(config, 0)
             self._model = {"key": (preset, dtype), "params": params, "weights": decode_weights(params, config)}
         if kind == "torch" and "torch" not in self._model:
-            model = decode.hf_model(self._model["params"], config)
-            self._model["torch"] = _on_cuda(model, dtype) if _torch_cuda() else model
+            # PyTorch decodes on CUDA in the compute dtype, on a CPU in float32 (its fast path there).
+            device = train_bench.pytorch_device(dtype) or "cpu"
+            torch_dtype = dtype if device == "cuda" else "float32"
+            model = decode.hf_model(self._model["params"], config, device=device, dtype=torch_dtype)
+            self._model["torch"], self._model["torch_device"] = model, device
         return config, self._model[kind]
 
     # --- points ------------------------------------------------------------------------------------------------
@@ -170,6 +212,7 @@ class Runner:
                 seen.add(key)
                 compare = self.compare and (sweep.compare_batches is None or spec["batch"] in sweep.compare_batches)
                 points += self._measure(sweep, spec, compare)
+                add_scaling(points)
                 if on_point:
                     on_point(points)
         return points
@@ -180,6 +223,8 @@ class Runner:
             job=sweep.job, preset=spec["preset"], n_layer=config.n_layer, n_embd=config.n_embd, batch=spec["batch"],
             seq=sweep.seq, dtype=sweep.dtype, attention=spec["attention"], remat=spec["remat"], devices=1,
         )  # fmt: skip
+        if sweep.job == "train":
+            base["scan_unroll"] = spec["scan_unroll"]
         try:
             base["devices"] = resolve_devices(spec["devices"])
             if sweep.job == "train":
@@ -195,25 +240,32 @@ class Runner:
         return points
 
     def _train_point(self, sweep: Sweep, base: dict[str, Any], compare: bool) -> dict:
-        from benchmarks import train as train_bench
-
         repeats = self.repeats or 5
         point = train_bench.measure_point(
             base["preset"], base["batch"], sweep.seq, dtype=sweep.dtype, devices=base["devices"],
-            attention=base["attention"], remat=base["remat"], repeats=repeats, pytorch=False,
-            peak=self.peak(sweep.dtype),
+            attention=base["attention"], remat=base["remat"], scan_unroll=base["scan_unroll"], repeats=repeats,
+            pytorch=False, peak=self.peak(sweep.dtype),
         )  # fmt: skip
         point["repeats"] = repeats
         if compare and base["devices"] == 1:
             config = get_config(base["preset"], dtype=sweep.dtype)
             params = init_params(config, 0)  # the weights measure_point trained (seed 0), for PyTorch
             batch_BT1 = train_bench.random_batch(config, base["batch"], sweep.seq)
-            seconds = lambda: _pytorch_train_seconds(config, params, batch_BT1, sweep.dtype, repeats)
+
+            def seconds() -> list[float] | None:
+                device = train_bench.pytorch_device(sweep.dtype)
+                if device is None:  # no like-for-like PyTorch run (a 16-bit dtype on a CPU)
+                    return None
+                return train_bench.time_pytorch(
+                    config, params, batch_BT1, device=device, dtype=sweep.dtype, repeats=repeats
+                )
+
             self._compare(point, base["batch"] * sweep.seq, seconds)
         self.log(
             f"train   {base['preset']} batch {base['batch']:>3} x {sweep.seq} {sweep.dtype} {base['attention']}"
-            f"{' remat' if base['remat'] else ''} on {base['devices']} device(s): {point['tokens_per_s']:,.0f} tok/s, "
-            f"MFU {100 * point['mfu']:.1f}%, compile {point['compile_s']:.1f} s" + _ratio_text(point)
+            f"{' remat' if base['remat'] else ''} unroll {base['scan_unroll']} on {base['devices']} device(s): "
+            f"{point['tokens_per_s']:,.0f} tok/s, MFU {100 * point['mfu']:.1f}%, compile {point['compile_s']:.1f} s"
+            + _ratio_text(point)
         )
         return point
 
@@ -221,12 +273,10 @@ class Runner:
         config, weights = self.model(base["preset"], sweep.dtype)
         batch, new_tokens = base["batch"], sweep.new_tokens
         prompt_BT = np.random.default_rng(0).integers(0, config.n_vocab, (batch, sweep.seq)).astype(np.int32)
-        # decode.time_ours reports medians only: call it once per timed run for the spread (each call re-warms).
         repeats = self.repeats or 3
-        runs = [decode.time_ours(weights, config, prompt_BT, new_tokens, sweep.top_k, 1) for _ in range(repeats)]
-        prefill_s = np.array([r["prefill_s"] for r in runs])
-        decode_s = np.array([r["decode_s"] for r in runs])
-        compile_s = runs[0]["compile_s"]
+        ours = decode.time_ours(weights, config, prompt_BT, new_tokens, sweep.top_k, repeats)
+        prefill_s, decode_s = np.array(ours["prefill_s"]), np.array(ours["decode_s"])
+        compile_s = ours["compile_s"]
         prefill = dict(base, job="prefill", **_rates(batch * sweep.seq / prefill_s), compile_s=compile_s)
         prefill["prefill_ms"] = 1e3 * float(np.median(prefill_s))
         prefill["model_flops_per_s"] = prefill["tokens_per_s"] * flops_per_token(config, sweep.seq, training=False)
@@ -243,8 +293,12 @@ class Runner:
             ),
         )  # fmt: skip
         if compare:
-            model = lambda: self.model(base["preset"], sweep.dtype, "torch")[1]
-            seconds = lambda: _pytorch_generate_seconds(model(), prompt_BT, new_tokens, sweep.top_k, repeats)
+
+            def seconds() -> list[float]:
+                model = self.model(base["preset"], sweep.dtype, "torch")[1]
+                device = self._model["torch_device"]
+                return decode.time_pytorch(model, prompt_BT, new_tokens, sweep.top_k, repeats, device=device)
+
             self._compare(point, batch * new_tokens, seconds)
         self.log(
             f"decode  {base['preset']} batch {batch:>3} {sweep.seq}+{new_tokens}: {point['tokens_per_s']:,.1f} tok/s, "
@@ -262,10 +316,28 @@ class Runner:
             point["pytorch_error"] = _one_line(e)
             return
         finally:
-            if _torch_cuda():
-                sys.modules["torch"].cuda.empty_cache()  # hand PyTorch's cached blocks back for the JAX points
+            torch = sys.modules.get("torch")  # imported by the comparison, unless it failed before
+            if torch is not None and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand PyTorch's cached blocks back for the JAX points
         if times is not None:
             _add_pytorch(point, tokens / np.array(times))
+
+
+def add_scaling(points: Sequence[dict]) -> None:
+    """`speedup` and `scaling_efficiency` (see the module doc) on every train point that has a 1-device point of the
+    same configuration and global batch, where that configuration ran on more than one device count."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        if p["job"] == "train" and not p.get("error"):
+            key = tuple(p.get(k) for k in ("preset", "batch", "seq", "dtype", "attention", "remat", "scan_unroll"))
+            groups.setdefault(key, []).append(p)
+    for group in groups.values():
+        one = [p for p in group if p["devices"] == 1]
+        if not one or len({p["devices"] for p in group}) < 2:
+            continue
+        for p in group:
+            p["speedup"] = p["tokens_per_s"] / one[0]["tokens_per_s"]
+            p["scaling_efficiency"] = p["speedup"] / (p["peak_flops"] / one[0]["peak_flops"])
 
 
 def _one_line(e: BaseException) -> str:
@@ -291,81 +363,3 @@ def _ratio_text(point: dict) -> str:
     if point.get("ratio") is None:
         return ""
     return f" | PyTorch {point['pytorch_tokens_per_s']:,.1f} tok/s, ratio {point['ratio']:.2f}x"
-
-
-# --- PyTorch on whatever device it has ---------------------------------------------------------------------------
-def _on_cuda(model: Any, dtype: str | None = None) -> Any:
-    """The reference moved to the GPU (weights cast to `dtype` if given) with SDPA: PyTorch's fused attention."""
-    import torch
-
-    model = model.to(device="cuda", dtype=getattr(torch, dtype) if dtype else None)
-    try:
-        model.set_attn_implementation("sdpa")
-    except (AttributeError, ValueError):  # an older transformers: keep what it has
-        pass
-    return model
-
-
-def _torch_cuda() -> bool:
-    torch = sys.modules.get("torch")  # imported by a comparison already, or not needed
-    return torch is not None and torch.cuda.is_available()
-
-
-def _pytorch_generate_seconds(model: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int) -> list:
-    """Seconds per `generate` call (decode.time_pytorch's settings: sampling, top-k, KV cache, no early stop)."""
-    import torch
-
-    device = next(model.parameters()).device
-    ids = torch.from_numpy(prompt_BT.astype(np.int64)).to(device)
-    kwargs = dict(do_sample=True, top_k=top_k, use_cache=True, pad_token_id=0, eos_token_id=None)
-
-    def generate(n: int) -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        assert out.shape[1] == prompt_BT.shape[1] + n
-        return time.perf_counter() - start
-
-    generate(2)  # warm-up
-    return [generate(new_tokens) for _ in range(repeats)]
-
-
-def _pytorch_train_seconds(config: Any, params: Any, batch_BT1: np.ndarray, dtype: str, repeats: int) -> list | None:
-    """Seconds per PyTorch training step: train.time_pytorch on a CPU (float32 only), on CUDA the same step in
-    autocast to `dtype` with fp32 weights (our precision recipe) and fused AdamW; None where there is no match."""
-    import torch
-
-    from benchmarks import train as train_bench
-
-    if not _torch_cuda():
-        return train_bench.time_pytorch(config, params, batch_BT1, repeats=repeats) if dtype == "float32" else None
-    import torch.nn.functional as F
-
-    hyper = train_bench.HYPER
-    model = _on_cuda(train_bench._torch_model(config, params))  # fp32 weights, bf16 compute in autocast: like ours
-    named = list(model.named_parameters())  # the tied head appears once
-    decay = [p for n, p in named if n.endswith(".weight") and p.ndim == 2]
-    rest = [p for n, p in named if not (n.endswith(".weight") and p.ndim == 2)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": hyper["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
-        lr=hyper["learning_rate"], betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"], fused=True,
-    )  # fmt: skip
-    tokens = torch.from_numpy(batch_BT1.astype(np.int64)).to("cuda")
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-
-    def step() -> float:
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=getattr(torch, dtype), enabled=dtype != "float32"):
-            logits = model(inputs).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), hyper["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    step()  # warm-up: allocations, optimizer state, autotuning
-    return [step() for _ in range(repeats)]

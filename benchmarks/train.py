@@ -4,13 +4,14 @@
     python -m benchmarks.train --presets tiny,mini --batches 4,8 --seq 128 --no-pytorch --json out.json
 
 Ours is exactly what train.py runs (`gpt2_jax.train_step.build_train_step`: forward, backward, global-norm clip,
-AdamW with the decay mask, state donated) on a random model and random tokens; the compile is timed apart and the
-steady state is the median of `--repeats` steps. PyTorch runs the same step in the same process: `GPT2LMHeadModel`
-(SDPA attention) holding the same weights, float32 cross-entropy over the same targets, `clip_grad_norm_`,
-`torch.optim.AdamW` (foreach) with the same decay groups and hyperparameters; the two take their timed steps in
-turns, so load from other programs slows both alike. MFU is model FLOPs (6N + 12LHQT per
-token, gpt2_jax.flops) over the device's peak: a datasheet figure on known accelerators, on a CPU a large matmul
-measured in this run (machines shared with other work give noisy numbers: report the load beside them).
+AdamW with the decay mask, state donated; layers unrolled per scan step as train.py's `--scan_unroll` default) on a
+random model and random tokens; the compile is timed apart and the steady state is the median of `--repeats` steps.
+PyTorch runs the same step in the same process: `GPT2LMHeadModel` (SDPA attention) holding the same weights,
+float32 cross-entropy over the same targets, `clip_grad_norm_`, `torch.optim.AdamW` with the same decay groups and
+hyperparameters; on a CPU in float32, on CUDA with fp32 weights and autocast to the compute dtype (our precision
+recipe). The two take their timed steps in turns, so load from other programs slows both alike. MFU is model FLOPs
+(6N + 12LHQT per token, gpt2_jax.flops) over the device's peak: a datasheet figure on known accelerators, on a CPU a
+large matmul measured in this run (machines shared with other work give noisy numbers: report the load beside them).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from gpt2_jax.config import GPT2Config, get_config
 from gpt2_jax.flops import flops_per_token, peak_flops
 from gpt2_jax.model import init_params
 from gpt2_jax.optim import learning_rate_schedule, make_optimizer
+from gpt2_jax.train_setup import default_scan_unroll
 from gpt2_jax.train_step import build_train_step, create_state, make_mesh, replicated, select_devices, shard_batch
 
 HYPER = dict(learning_rate=1e-4, weight_decay=0.1, grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8)
@@ -38,10 +40,20 @@ def random_batch(config: GPT2Config, batch: int, seq: int, seed: int = 0) -> np.
     return np.random.default_rng(seed).integers(0, config.n_vocab, (batch, seq + 1)).astype(np.int32)
 
 
+def model_config(
+    preset: str, *, dtype: str = "float32", attention: str = "auto", remat: bool = False, scan_unroll: int | None = None
+) -> GPT2Config:
+    """The config train.py would build for these flags; scan_unroll None: train.py's default (all layers unrolled on
+    GPU/TPU, a plain scan on a CPU), clamped to the depth as train.py does."""
+    config = get_config(preset, dtype=dtype, attention=attention, remat=remat)
+    return config.replace(scan_unroll=min(scan_unroll or default_scan_unroll(config), config.n_layer))
+
+
 def our_step(
     config: GPT2Config, params: Any, batch_BT1: np.ndarray, *, devices: int | str = 1, accumulate: int = 1
 ) -> tuple[Callable[[], None], float]:
-    """(one timed training step, compile seconds) for our train step on `devices` local devices."""
+    """(one timed training step, compile seconds) for our train step on `devices` local devices, `config` as given
+    (build it with `model_config` to time what train.py runs)."""
     mesh = make_mesh(select_devices(devices))
     schedule = learning_rate_schedule(HYPER["learning_rate"], warmup_steps=0, total_steps=10**6, schedule="constant")
     optimizer = make_optimizer(
@@ -73,46 +85,74 @@ def time_ours(
     return {"compile_s": max(first_s - float(np.median(times)), 0.0), "step_s": times}
 
 
-def _torch_model(config: GPT2Config, params: Any):
+def pytorch_device(dtype: str) -> str | None:
+    """Where the PyTorch reference runs for a compute `dtype`: 'cuda' where torch sees a GPU (autocast to `dtype`,
+    fp32 weights, like ours), else 'cpu' in float32 only; None where there is no like-for-like run."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if dtype == "float32" else None
+
+
+def torch_model(config: GPT2Config, params: Any, device: str = "cpu", *, attention: str = "sdpa") -> Any:
+    """A float32 Hugging Face GPT2LMHeadModel holding exactly `params` (head tied to wte) on `device`, in train mode.
+
+    attention: Hugging Face's attn_implementation ('sdpa': PyTorch's fused attention, 'eager': its plain one).
+    """
     import torch
     import transformers
 
     from gpt2_jax.hf_format import params_to_hf_state_dict
 
-    hf_config = transformers.GPT2Config(**config.to_hf_config(), attn_implementation="sdpa")
-    model = transformers.GPT2LMHeadModel(hf_config)
+    hf_config = transformers.GPT2Config(**config.to_hf_config(), attn_implementation=attention)
+    with torch.device("meta"):  # no random init: every weight is replaced below
+        model = transformers.GPT2LMHeadModel(hf_config)
     state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in params_to_hf_state_dict(params).items()}
-    model.transformer.load_state_dict(state, strict=False)
-    model.tie_weights()
-    return model.train()
+    model.transformer.load_state_dict(state, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight
+    return model.to(device).train()
 
 
-def pytorch_step(config: GPT2Config, params: Any, batch_BT1: np.ndarray) -> Callable[[], float]:
-    """One training step of Hugging Face GPT2LMHeadModel + torch.optim.AdamW (float32), warmed up."""
+def pytorch_step(
+    config: GPT2Config, params: Any, batch_BT1: np.ndarray, *, device: str = "cpu", dtype: str = "float32"
+) -> Callable[[], float]:
+    """One training step of Hugging Face GPT2LMHeadModel + torch.optim.AdamW on `device` ('cpu' or 'cuda'), warmed
+    up; it returns the loss once the step has finished on the device.
+
+    The same step as ours: float32 weights and optimizer state, compute in `dtype` (autocast where it is not
+    float32), float32 cross-entropy, global-norm clipping, AdamW with decay on 2-D weights only. AdamW runs as
+    `foreach` on a CPU and `fused` on CUDA (each device's fastest).
+    """
     import torch
     import torch.nn.functional as F
 
-    model = _torch_model(config, params)
+    model = torch_model(config, params, device)
     named = list(model.named_parameters())  # the tied head appears once, as transformer.wte.weight
-    decay = [p for n, p in named if n.endswith((".weight",)) and p.ndim == 2]  # HF's Conv1D and embeddings
+    decay = [p for n, p in named if n.endswith(".weight") and p.ndim == 2]  # HF's Conv1D and embeddings
     no_decay = [p for n, p in named if not (n.endswith(".weight") and p.ndim == 2)]
+    fastest = {"fused": True} if device == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": HYPER["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=HYPER["learning_rate"], betas=(HYPER["b1"], HYPER["b2"]), eps=HYPER["eps"], foreach=True,
+        lr=HYPER["learning_rate"], betas=(HYPER["b1"], HYPER["b2"]), eps=HYPER["eps"], **fastest,
     )  # fmt: skip
-    tokens = torch.from_numpy(batch_BT1.astype(np.int64))
+    tokens = torch.from_numpy(batch_BT1.astype(np.int64)).to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    compute_dtype = getattr(torch, dtype)
 
     def step() -> float:
-        logits = model(inputs).logits
+        with torch.autocast(device, dtype=compute_dtype, enabled=dtype != "float32"):
+            logits = model(inputs).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), HYPER["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()  # the whole step, not only the loss, must be done when the timer stops
         return float(loss.detach())
 
-    step()  # warm-up: allocations, optimizer state
+    step()  # warm-up: allocations, optimizer state (and autotuning on CUDA)
     return step
 
 
@@ -127,26 +167,34 @@ def alternate(steps: dict[str, Callable[[], Any]], repeats: int) -> dict[str, li
     return times
 
 
-def time_pytorch(config: GPT2Config, params: Any, batch_BT1: np.ndarray, *, repeats: int = 5) -> list[float]:
-    """Seconds per PyTorch training step alone (float32)."""
-    return alternate({"pytorch": pytorch_step(config, params, batch_BT1)}, repeats)["pytorch"]
+def time_pytorch(
+    config: GPT2Config, params: Any, batch_BT1: np.ndarray, *, device: str = "cpu", dtype: str = "float32",
+    repeats: int = 5,
+) -> list[float]:  # fmt: skip
+    """Seconds per PyTorch training step alone (`pytorch_step` on `device` in `dtype`)."""
+    step = pytorch_step(config, params, batch_BT1, device=device, dtype=dtype)
+    return alternate({"pytorch": step}, repeats)["pytorch"]
 
 
 def measure_point(
     preset: str, batch: int, seq: int, *, dtype: str = "float32", devices: int | str = 1, accumulate: int = 1,
-    attention: str = "auto", remat: bool = False, repeats: int = 5, pytorch: bool = True,
-    peak: tuple[float, str] | None = None,
+    attention: str = "auto", remat: bool = False, scan_unroll: int | None = None, repeats: int = 5,
+    pytorch: bool = True, peak: tuple[float, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One benchmark point: the fields listed in benchmarks/suite.py for job 'train'."""
-    config = get_config(preset, dtype=dtype, attention=attention, remat=remat)
+    """One benchmark point: the fields listed in benchmarks/suite.py for job 'train'.
+
+    scan_unroll None: train.py's default for this device (see `model_config`). pytorch: also time the PyTorch
+    reference, in turns with ours, on one device where `pytorch_device` finds a like-for-like run.
+    """
+    config = model_config(preset, dtype=dtype, attention=attention, remat=remat, scan_unroll=scan_unroll)
     params = init_params(config, 0)
     batch_BT1 = random_batch(config, batch, seq)
     n_devices = len(select_devices(devices))
     ours, first_s = our_step(config, params, batch_BT1, devices=devices, accumulate=accumulate)
     steps = {"ours": ours}
-    compare = pytorch and n_devices == 1 and jax.local_devices()[0].platform == "cpu" and dtype == "float32"
-    if compare:
-        steps["pytorch"] = pytorch_step(config, params, batch_BT1)
+    torch_device = pytorch_device(dtype) if pytorch and n_devices == 1 else None
+    if torch_device:
+        steps["pytorch"] = pytorch_step(config, params, batch_BT1, device=torch_device, dtype=dtype)
     times = alternate(steps, repeats)
     step_s = float(np.median(times["ours"]))
     tokens_per_s = batch * seq / step_s
@@ -157,12 +205,13 @@ def measure_point(
     point = dict(
         job="train", preset=preset, n_layer=config.n_layer, n_embd=config.n_embd, batch=batch, seq=seq,
         dtype=dtype, devices=n_devices, accumulate=accumulate, attention=attention, remat=remat,
-        tokens_per_s=tokens_per_s, tokens_per_s_min=batch * seq / max(times["ours"]),
-        tokens_per_s_max=batch * seq / min(times["ours"]), compile_s=max(first_s - step_s, 0.0),
+        scan_unroll=config.scan_unroll, tokens_per_s=tokens_per_s,
+        tokens_per_s_min=batch * seq / max(times["ours"]), tokens_per_s_max=batch * seq / min(times["ours"]),
+        compile_s=max(first_s - step_s, 0.0),
         model_flops_per_s=model_flops_per_s, mfu=model_flops_per_s / peak_total, peak_flops=peak_total,
         peak_source=peak_source, pytorch_tokens_per_s=None, ratio=None,
     )  # fmt: skip
-    if compare:
+    if torch_device:
         point["pytorch_tokens_per_s"] = batch * seq / float(np.median(times["pytorch"]))
         point["ratio"] = tokens_per_s / point["pytorch_tokens_per_s"]
     return point
@@ -170,7 +219,8 @@ def measure_point(
 
 def run(
     presets: Sequence[str] = ("mini",), batches: Sequence[int] = (8,), seq: int = 256, *, dtype: str = "float32",
-    devices: Sequence[int | str] = (1,), repeats: int = 5, pytorch: bool = True, log: Callable[[str], None] = print,
+    devices: Sequence[int | str] = (1,), scan_unroll: int | None = None, repeats: int = 5, pytorch: bool = True,
+    log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Benchmark points for every (preset, batch, devices); a CPU peak is measured before and after, the best kept."""
     peak = peak_flops(jax.local_devices()[0], dtype)
@@ -178,8 +228,8 @@ def run(
     for preset in presets:
         for batch in batches:
             for n in devices:
-                point = measure_point(preset, batch, seq, dtype=dtype, devices=n, repeats=repeats, pytorch=pytorch,
-                                      peak=peak)  # fmt: skip
+                point = measure_point(preset, batch, seq, dtype=dtype, devices=n, scan_unroll=scan_unroll,
+                                      repeats=repeats, pytorch=pytorch, peak=peak)  # fmt: skip
                 points.append(point)
                 log(format_point(point))
     after = peak_flops(jax.local_devices()[0], dtype)
@@ -195,7 +245,8 @@ def run(
 
 def format_point(p: dict[str, Any]) -> str:
     line = (
-        f"{p['preset']:>5} {p['dtype']:>8} {p['devices']} dev batch {p['batch']:>3} x {p['seq']:>4}: "
+        f"{p['preset']:>5} {p['dtype']:>8} {p['devices']} dev batch {p['batch']:>3} x {p['seq']:>4} "
+        f"unroll {p['scan_unroll']}: "
         f"{p['tokens_per_s']:9.1f} tok/s  mfu {100 * p['mfu']:5.1f}%  {p['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  "
         f"compile {p['compile_s']:6.2f} s"
     )
@@ -212,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--devices", type=lambda s: s.split(","), default=["1"], help="device counts or 'all'")
+    p.add_argument("--scan_unroll", type=int, default=None, help="layers per scan step (default: train.py's)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-pytorch", dest="pytorch", action="store_false")
     p.add_argument("--json", default=None, help="write the points to this file")
@@ -219,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, load {load:.2f}")
     points = run(
-        args.presets, args.batches, args.seq, dtype=args.dtype, devices=args.devices, repeats=args.repeats,
-        pytorch=args.pytorch, log=lambda s: print(s, flush=True),
+        args.presets, args.batches, args.seq, dtype=args.dtype, devices=args.devices, scan_unroll=args.scan_unroll,
+        repeats=args.repeats, pytorch=args.pytorch, log=lambda s: print(s, flush=True),
     )  # fmt: skip
     print(f"load average after: {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
     if args.json:

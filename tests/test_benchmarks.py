@@ -1,6 +1,7 @@
-"""The benchmark suite: its toy sweep end to end (so it cannot rot), the FLOP and byte counts, the report.
+"""The benchmark suite: its toy sweep end to end (so it cannot rot), the scaling sweep at toy size on 2 of 8 host
+devices, the FLOP and byte counts, the PyTorch reference's weights, the report.
 
-The toy suite runs in-process at the smallest shapes with one timed run per point; it checks the JSON schema and
+The toy suite runs in-process at the smallest shapes with two timed runs per point; it checks the JSON schema and
 that the derived numbers agree with each other, never how fast anything is.
 """
 
@@ -8,16 +9,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from benchmarks import bandwidth, report, suite
+from benchmarks import train as train_bench
+from benchmarks.__main__ import build_sweeps, parse_args, pytorch_available, use_host_devices
 from benchmarks.__main__ import main as bench_main
-from benchmarks.__main__ import pytorch_available
 from gpt2_jax.config import get_config
+from gpt2_jax.errors import UsageError
 from gpt2_jax.flops import flops_per_token
+from gpt2_jax.model import GPT2, init_params
+from gpt2_jax.train_setup import default_scan_unroll
+
+REPO = Path(__file__).resolve().parent.parent
 
 POINT_FIELDS = {
     "job", "preset", "n_layer", "n_embd", "batch", "seq", "dtype", "attention", "remat", "devices", "tokens_per_s",
@@ -82,6 +93,8 @@ def test_toy_suite_derived_numbers_agree(toy_run):
     for p in results["points"]:
         config = get_config(p["preset"])
         if p["job"] == "train":
+            assert p["scan_unroll"] == default_scan_unroll(config)  # what train.py runs here
+            assert "scaling_efficiency" not in p  # one device count only
             expected_flops = p["tokens_per_s"] * flops_per_token(config, p["seq"])
             assert math.isclose(p["model_flops_per_s"], expected_flops, rel_tol=1e-9)
             assert math.isclose(p["mfu"], p["model_flops_per_s"] / p["peak_flops"], rel_tol=1e-9)
@@ -128,23 +141,110 @@ def test_compare_is_skipped_in_one_line_without_torch(monkeypatch):
 
 
 def test_bad_flags_are_usage_errors():
-    from gpt2_jax.errors import UsageError
-
     with pytest.raises(UsageError):
         bench_main(["--job", "decode", "--preset", "tiny", "--repeats", "0"])
     with pytest.raises(SystemExit):
         bench_main(["--batch", "0,2"])
+    with pytest.raises(UsageError, match="--preset, --devices shape a sweep of your own"):  # ignored silently before
+        build_sweeps(parse_args(["--suite", "quick", "--preset", "tiny", "--devices", "2"]))
+    with pytest.raises(UsageError):
+        build_sweeps(parse_args(["--suite", "scaling", "--seq", "0"]))
     assert np.isfinite(suite.resolve_devices("all"))
 
 
-def test_sweeps_resolve_devices_batches_and_attention():
+def test_sweeps_resolve_devices_batches_attention_and_scan_unroll():
     n = len(jax.local_devices())
-    scaling = suite.Sweep("train", ("tiny",), (4,), seq=16, devices=("all",), batch_per_device=True)
-    (spec,) = [suite._resolve(scaling, s) for s in scaling.grid()]
+    weak = suite.Sweep("train", ("tiny",), (4,), seq=16, devices=("all",), batch_per_device=True)
+    (spec,) = [suite._resolve(weak, s) for s in weak.grid()]
     assert spec["devices"] == str(n) and spec["batch"] == 4 * n
     assert spec["attention"] == "xla"  # 'auto' on a CPU
+    assert spec["scan_unroll"] == 1  # train.py's default on a CPU
+    unrolled = suite.Sweep("train", ("tiny",), (2,), seq=16, scan_unroll=(None, 2, 99))
+    assert [suite._resolve(unrolled, s)["scan_unroll"] for s in unrolled.grid()] == [1, 2, 2]  # clamped to n_layer
     decoding = suite.Sweep("decode", ("tiny",), (1,), seq=4)
     assert [suite._resolve(decoding, s)["attention"] for s in decoding.grid()] == ["-"]
-    for name, sweeps in suite.SUITES.items():  # every named sweep builds valid configs
-        for sweep in sweeps:
+    for name in suite.SUITE_NAMES:  # every named sweep builds valid configs
+        for sweep in suite.named_suite(name):
             assert all(get_config(p) for p in sweep.presets), name
+
+
+def test_scaling_suite_splits_one_global_batch():
+    (cpu,) = suite.scaling_suite(8, "cpu")
+    assert (cpu.presets, cpu.batches, cpu.seq, cpu.dtype) == (("mini",), (8,), 256, "float32")
+    assert cpu.devices == ("1", "2", "4", "8") and not cpu.batch_per_device
+    (one_gpu,) = suite.scaling_suite(1, "gpu")
+    assert (one_gpu.presets, one_gpu.batches, one_gpu.dtype, one_gpu.devices) == (("124M",), (32,), "bfloat16", ("1",))
+    (six,) = suite.scaling_suite(6, "gpu")
+    assert six.devices == ("1", "2", "4", "6") and six.batches == (36,)  # a multiple of 12 from 32 up
+    # Flags change the suite's points and keep the rest.
+    (mine,) = build_sweeps(parse_args(["--suite", "scaling", "--preset", "tiny", "--devices", "1,2", "--seq", "8"]))
+    assert mine.presets == ("tiny",) and mine.devices == ("1", "2") and mine.seq == 8
+
+
+def test_scaling_efficiency_is_over_the_ideal_speedup():
+    def point(devices, tokens_per_s, peak):
+        config = dict(preset="124M", n_layer=12, n_embd=768, batch=32, seq=1024, dtype="bfloat16", attention="cudnn")
+        return dict(job="train", **config, remat=False, scan_unroll=12, devices=devices, tokens_per_s=tokens_per_s,
+                    peak_flops=peak)  # fmt: skip
+
+    gpus = [point(1, 100.0, 1e15), point(4, 360.0, 4e15)]  # accelerators: the ideal is N times the rate
+    cpus = [point(1, 100.0, 1e11), point(8, 90.0, 1e11)]  # host devices share the cores: the ideal is the same rate
+    cpus[1]["preset"] = cpus[0]["preset"] = "mini"
+    alone = point(1, 50.0, 1e15) | {"batch": 16}  # no other device count at its batch: left alone
+    suite.add_scaling([*gpus, *cpus, alone])
+    assert [p["speedup"] for p in gpus] == [1.0, 3.6] and gpus[1]["scaling_efficiency"] == pytest.approx(0.9)
+    assert cpus[1]["speedup"] == cpus[1]["scaling_efficiency"] == pytest.approx(0.9)
+    assert "scaling_efficiency" not in alone
+    table = report.format_table([*gpus, alone])
+    assert "scaling" in table.splitlines()[0] and "90.0%" in table and "cost of data parallelism" in table
+
+
+def test_scaling_suite_runs_on_host_devices(tmp_path):
+    # No XLA flag set: `--suite scaling` splits the CPU into 8 devices itself; toy sizes on 1 and 2 of them.
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    out = tmp_path / "scaling.json"
+    argv = ["--suite", "scaling", "--preset", "tiny", "--batch", "4", "--seq", "16", "--devices", "1,2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *argv, "--repeats", "1", "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert results["environment"]["device_count"] == suite.SCALING_HOST_DEVICES
+    points = results["points"]
+    assert [(p["job"], p["devices"], p["batch"], p["preset"]) for p in points] == [
+        ("train", 1, 4, "tiny"),
+        ("train", 2, 4, "tiny"),
+    ]
+    one, two = points
+    assert one["speedup"] == one["scaling_efficiency"] == 1.0
+    assert math.isclose(two["speedup"], two["tokens_per_s"] / one["tokens_per_s"], rel_tol=1e-9)
+    assert math.isclose(two["scaling_efficiency"], two["speedup"], rel_tol=1e-9)  # one CPU's peak for both
+    assert all(p["scan_unroll"] == 1 and p["tokens_per_s"] > 0 for p in points)
+    assert "scaling" in result.stdout and "cost of data parallelism" in result.stdout
+
+
+def test_host_devices_leave_a_chosen_count_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(a))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    use_host_devices(8)
+    assert calls == []
+    monkeypatch.setenv("XLA_FLAGS", "")
+    use_host_devices(8)
+    assert calls == [("jax_num_cpu_devices", 8)]
+
+
+def test_pytorch_reference_holds_our_weights():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    config = get_config("tiny")
+    params = init_params(config, 0)
+    tokens_BT = np.random.default_rng(0).integers(0, config.n_vocab, (2, 16))
+    ours = np.asarray(GPT2(config).apply({"params": params}, tokens_BT))
+    model = train_bench.torch_model(config, params, attention="eager").eval()
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied, as GPT-2's head is
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(tokens_BT)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
