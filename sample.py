@@ -18,20 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt2_jax.cli import run_cli
+from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.errors import UsageError, UserError
 
 DEFAULT_MODEL = "models/124M"
 PROMPT = "Model prompt >>> "
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one sentence and exit code 2, like every other bad flag
-        raise UsageError(f"{message}; see python sample.py --help.")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description="Sample text from a GPT-2 model.", allow_abbrev=False)
+    p = ArgumentParser(prog="python sample.py", description="Sample text from a GPT-2 model.", allow_abbrev=False)
     p.add_argument(
         "--model",
         default=None,
@@ -76,16 +71,21 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--stream prints text as it is generated; it does not combine with --format jsonl.")
 
 
+def repaired(text: str, where: str) -> str:
+    """`text` with each byte that was not UTF-8 (a lone surrogate from argv, stdin or a file) as U+FFFD, counted."""
+    bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
+    if bad:
+        print(f"warning: {bad} invalid UTF-8 byte(s) in {where} were replaced by U+FFFD.", file=sys.stderr)
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text
+
+
 def read_prompt_file(path: str) -> str:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise UserError(f"Cannot read --prompt_file {path}: {e.strerror or e}.")
-    text = data.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
-    if bad:
-        print(f"warning: {bad} invalid UTF-8 sequence(s) in {path} were replaced by U+FFFD.", file=sys.stderr)
-    return text
+    return repaired(data.decode("utf-8", errors="surrogateescape"), path)
 
 
 class Printer:
@@ -116,16 +116,18 @@ class Printer:
 
 def main(argv: Sequence[str] | None = None) -> int:
     for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "replace"), (sys.stderr, "replace")):
-        if hasattr(stream, "reconfigure"):  # undecodable input bytes are repaired when the prompt is encoded
+        if hasattr(stream, "reconfigure"):  # undecodable prompt bytes survive to be counted in `repaired`
             stream.reconfigure(encoding="utf-8", errors=errors)
     args = build_parser().parse_args(argv)
     check_flags(args)
+    # The prompt is read (and a bad --prompt_file refused) before the model, which can take a while to load.
+    prompt = read_prompt_file(args.prompt_file) if args.prompt_file else repaired(args.prompt or "", "--prompt")
     from gpt2_jax.decoder import decode_weights  # jax is imported here, after the flags are known to be good
     from gpt2_jax.generate import generate_samples
     from gpt2_jax.loading import load_model
     from gpt2_jax.sampling import SamplingConfig
 
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # flag ranges
     spec = args.model or DEFAULT_MODEL
     if args.model is None and not os.path.isdir(DEFAULT_MODEL):
         raise UserError(f"No {DEFAULT_MODEL}; download it (python -m gpt2_jax.download 124M) or pass --model.")
@@ -157,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("=" * 80, flush=True)
 
     if not args.interactive:
-        run(read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt or "")
+        run(prompt)
         return 0
     try:
         while True:
@@ -165,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             while not prompt:
                 print("Prompt should not be empty!")
                 prompt = input(PROMPT)
-            run(prompt)
+            run(repaired(prompt, "the prompt"))
     except (EOFError, KeyboardInterrupt):
         print()
     return 0

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import jax
 
 from benchmarks import report, suite
-from gpt2_jax.cli import run_cli
+from gpt2_jax.cli import ArgumentParser, run_cli
+from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
 
 
@@ -49,7 +50,7 @@ def _remat(text: str) -> tuple[bool, ...]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="quick", choices=suite.SUITE_NAMES, help="named sweep (default: quick)")
     p.add_argument("--compare", choices=["pytorch"], help="also time Hugging Face PyTorch GPT-2 at the same points")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point after warm-up (default: 3)")
@@ -88,13 +89,25 @@ def build_sweeps(args: argparse.Namespace) -> tuple[suite.Sweep, ...]:
     if args.job is not None:
         seq = given.pop("seq", 1024 if args.job == "train" else 16)
         given = {"presets": ("124M",), "batches": (8,), **given}
-        return (suite.Sweep(args.job, seq=seq, new_tokens=args.new_tokens, top_k=args.top_k, **given),)
+        return check_context(suite.Sweep(args.job, seq=seq, new_tokens=args.new_tokens, top_k=args.top_k, **given))
     if args.suite == "scaling":
-        return tuple(dataclasses.replace(sweep, **given) for sweep in suite.named_suite("scaling"))
+        return check_context(*(dataclasses.replace(sweep, **given) for sweep in suite.named_suite("scaling")))
     if given:
         names = ", ".join(f"--{flag}" for flag in SWEEP_FLAGS if getattr(args, flag) is not None)
         raise UsageError(f"{names} shape a sweep of your own: add --job train or --job decode, or use --suite scaling.")
     return suite.named_suite(args.suite)
+
+
+def check_context(*sweeps: suite.Sweep) -> tuple[suite.Sweep, ...]:
+    """Refuse, before anything runs, a sweep whose tokens do not fit a preset's context."""
+    for sweep in sweeps:
+        tokens = sweep.seq + (sweep.new_tokens if sweep.job == "decode" else 0)
+        what = "--seq" if sweep.job == "train" else "--seq + --new_tokens"
+        for preset in sweep.presets:
+            n_ctx = get_config(preset).n_ctx
+            if tokens > n_ctx:
+                raise UsageError(f"{what} = {tokens} is longer than {preset}'s context of {n_ctx} tokens.")
+    return sweeps
 
 
 def use_host_devices(n: int, log=print) -> None:

@@ -13,6 +13,7 @@ wait, delete and restore alike (orbax writes each process's shards and lets proc
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
+from gpt2_jax.checksums import verify_checksums, write_checksums
 from gpt2_jax.errors import UserError
 
 ITEMS = ("params", "opt_state", "meta")
@@ -113,6 +115,7 @@ class Checkpoints:
         self._prune()
         if step in self.steps():
             return False
+        self._check_writable(step)
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
@@ -125,14 +128,29 @@ class Checkpoints:
         self.in_flight = step if started else None
         return started
 
+    def _check_writable(self, step: int) -> None:
+        """Refuse before orbax starts: a save it cannot even begin leaves its writer threads waiting 5 minutes."""
+        probe = self.directory / f".write-probe-{os.getpid()}"
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise self._failed(step, e)
+
     def wait(self) -> None:
-        """Block until every started save is complete on disk."""
+        """Block until every started save is complete on disk, then record its checksums."""
+        step = self.in_flight
         try:
             self.manager.wait_until_finished()
         except IO_ERRORS as e:
             raise self._failed(self.in_flight, e)
         finally:
             self.in_flight = None
+        if step is not None and jax.process_index() == 0 and (self.directory / str(step)).is_dir():
+            try:  # orbax keeps no checksum: bytes overwritten later would read back as silently wrong weights
+                write_checksums(self.directory / str(step), ITEMS[:2])
+            except OSError as e:
+                raise self._failed(step, e)
         self._prune()
 
     def _prune(self) -> None:
@@ -185,9 +203,12 @@ class Checkpoints:
             opt_state=ocp.args.StandardRestore(opt_state_target),
             meta=ocp.args.JsonRestore(),
         )
+        verify_checksums(self.directory / str(step), advice="it is not used")
         try:
             restored = self.manager.restore(step, args=args)
-        except (*IO_ERRORS, KeyError, TypeError) as e:
+        except Exception as e:  # orbax wraps tensorstore's read errors (truncated or corrupt data) in a bare Exception
+            while e.__cause__ is not None:
+                e = e.__cause__
             raise UserError(f"Checkpoint {self.directory / str(step)} is damaged or incomplete ({_short_reason(e)}).")
         return restored.params, restored.opt_state, dict(restored.meta)
 

@@ -6,9 +6,11 @@ file maps onto it one to one. Being frozen and hashable, a config can be a stati
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from gpt2_jax.errors import UserError
@@ -70,6 +72,8 @@ class GPT2Config:
 
     @classmethod
     def from_hparams(cls, hparams: dict[str, Any], **overrides: Any) -> GPT2Config:
+        if not isinstance(hparams, dict):
+            raise UserError(f"hparams must be a JSON object of sizes, got a {type(hparams).__name__}.")
         missing = [k for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer") if k not in hparams]
         if missing:
             raise UserError(f"hparams are missing {', '.join(missing)}; a GPT-2 hparams.json names all five sizes.")
@@ -87,7 +91,8 @@ class GPT2Config:
             raise UserError(f"No hparams file at {path}; a model directory needs hparams.json or config.json.")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path} is not valid JSON ({e}); restore it from the original model download.")
-        return cls.from_hparams(hparams, **overrides)
+        with naming_the_file(path):
+            return cls.from_hparams(hparams, **overrides)
 
     # --- Hugging Face config.json ---------------------------------------------------------------------------
     def to_hf_config(self) -> dict[str, Any]:
@@ -114,6 +119,8 @@ class GPT2Config:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> GPT2Config:
+        if not isinstance(hf, dict):
+            raise UserError(f"A Hugging Face config must be a JSON object, got a {type(hf).__name__}.")
         if hf.get("model_type", "gpt2") != "gpt2":
             raise UserError(f"config.json describes a {hf.get('model_type')!r} model, not GPT-2.")
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -141,6 +148,17 @@ class GPT2Config:
             "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
         }
         return cls.from_hparams({k: v for k, v in hparams.items() if v is not None}, **overrides)
+
+
+@contextlib.contextmanager
+def naming_the_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Prefix a config error raised inside with the file it came from: the user has to fix that file."""
+    try:
+        yield
+    except UserError as e:
+        if str(path) in str(e):
+            raise
+        raise UserError(f"{path}: {e}", exit_code=e.exit_code) from None
 
 
 def count_params(config: GPT2Config) -> int:

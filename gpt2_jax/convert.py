@@ -17,19 +17,23 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gpt2_jax.cli import run_cli
+from safetensors import SafetensorError
+
+from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import DTYPES, count_params
-from gpt2_jax.errors import UsageError
-from gpt2_jax.loading import load_model
+from gpt2_jax.errors import UsageError, UserError
+from gpt2_jax.loading import LoadedModel, load_model
 from gpt2_jax.native_format import atomic_directory, save_native_model
 from gpt2_jax.openai_format import write_openai_checkpoint
 from gpt2_jax.safetensors_io import write_safetensors_model
 
 TARGETS = ("native", "hf", "openai")
+# How a failed write surfaces: OSError from Python, ValueError/RuntimeError from orbax's tensorstore, SafetensorError.
+WRITE_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m gpt2_jax.convert",
         description="Convert GPT-2 weights (OpenAI, gpt-2-simple, Hugging Face, gpt2-jax model or training run).",
     )
@@ -57,6 +61,31 @@ def _write_hf_tokenizer_names(directory: Path) -> None:
             shutil.copyfile(directory / ours, directory / theirs)
 
 
+def write(directory: Path, model: LoadedModel, to: str, dtype: str) -> None:
+    """Fill `directory` with `model` in format `to` (its tokenizer included)."""
+    if to == "native":
+        save_native_model(directory, model.params, model.config, model.tokenizer)
+    elif to == "hf":
+        write_safetensors_model(directory, model.params, model.config, dtype=dtype)
+        model.tokenizer.save(directory)
+        _write_hf_tokenizer_names(directory)
+    else:
+        write_openai_checkpoint(directory, model.params, model.config)
+        model.tokenizer.save(directory)
+
+
+def write_failure(error: Exception) -> str:
+    """What the disk said, from an OSError or from the message orbax/tensorstore/safetensors wrap it in."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error)
+    for reason in ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
+                   "Permission denied"):  # fmt: skip
+        if reason in text:
+            return reason
+    return (text.strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -65,15 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_model(args.src, dtype="float32", verify_crc=True)
         read_s = time.perf_counter() - start
         print(f"read {model.source} in {read_s:.1f} s; writing {args.to} to {args.out}", file=sys.stderr, flush=True)
-        if args.to == "native":
-            save_native_model(tmp, model.params, model.config, model.tokenizer)
-        elif args.to == "hf":
-            write_safetensors_model(tmp, model.params, model.config, dtype=args.dtype)
-            model.tokenizer.save(tmp)
-            _write_hf_tokenizer_names(tmp)
-        else:
-            write_openai_checkpoint(tmp, model.params, model.config)
-            model.tokenizer.save(tmp)
+        try:
+            write(tmp, model, args.to, args.dtype)
+        except WRITE_ERRORS as e:  # the temporary directory is removed on the way out: nothing half-written stays
+            raise UserError(
+                f"Could not write {args.out} ({write_failure(e)}); nothing was written there: free disk space "
+                "or choose another OUT, then convert again."
+            )
     elapsed = time.perf_counter() - start
     print(f"converted {count_params(model.config):,} parameters to {args.out} ({args.to}) in {elapsed:.1f} s")
     return 0

@@ -11,7 +11,6 @@ BASE/openai-community/REPO/resolve/main/FILE (Hugging Face).
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import os
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gpt2_jax.cli import run_cli
+from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import ALIASES
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.tokenizer import PACKAGED_GPT2_DIR, atomic_write_bytes
@@ -73,6 +72,28 @@ def _open(url: str, offset: int):
         raise UserError(f"Cannot reach {url} ({reason}); check your connection or --base_url and try again.")
 
 
+def _stream_into(part: Path, response, resumed: bool, offset: int, total: int | None, name: str) -> Exception | None:
+    """Append the response body to `part` (or rewrite it); returns the error that cut the connection, if any."""
+    with (
+        open(part, "ab" if resumed else "wb") as f,
+        tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=name, file=sys.stderr) as bar,
+    ):
+        while True:
+            try:
+                chunk = response.read(CHUNK)
+            except (OSError, http.client.HTTPException) as e:  # connection dropped or timed out
+                chunk, error = b"", e
+            else:
+                error = None
+            if not chunk:
+                break
+            f.write(chunk)
+            bar.update(len(chunk))
+        f.flush()
+        os.fsync(f.fileno())
+    return error
+
+
 def download_file(url: str, dest: Path) -> None:
     """Fetch `url` into `dest` via `dest.part`, resuming a previous partial download and checking the size."""
     part = dest.with_name(dest.name + ".part")
@@ -91,23 +112,13 @@ def download_file(url: str, dest: Path) -> None:
             offset = 0  # the server ignored the Range header: start over
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
-        with (
-            open(part, "ab" if resumed else "wb") as f,
-            tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr) as bar,
-        ):
-            while True:
-                try:
-                    chunk = response.read(CHUNK)
-                except (OSError, http.client.HTTPException) as e:  # connection dropped or timed out
-                    chunk, error = b"", e
-                else:
-                    error = None
-                if not chunk:
-                    break
-                f.write(chunk)
-                bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            error = _stream_into(part, response, resumed, offset, total, dest.name)
+        except OSError as e:  # writing failed (full disk, read-only folder): what came so far stays in the .part
+            raise UserError(
+                f"Cannot write {part}: {e.strerror or e}; free disk space there and run the same command again "
+                "to resume."
+            )
     size = part.stat().st_size
     if error is not None or (total is not None and size != total):
         expected = f"{total:,}" if total is not None else "?"
@@ -141,7 +152,7 @@ def download(name: str, *, source: str = "openai", base_url: str | None = None, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt2_jax.download", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m gpt2_jax.download", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="124M, 355M, 774M or 1558M (old names 117M, 345M accepted)")
     parser.add_argument("--source", choices=("openai", "huggingface"), default="openai")
     parser.add_argument(

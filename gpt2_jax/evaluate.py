@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax.cli import run_cli
+from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import DTYPES, GPT2Config
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.loading import load_model, note
@@ -36,6 +36,10 @@ TEXT_SUFFIXES = (".txt", ".md")
 def text_files(path: Path) -> list[Path]:
     """The file itself, or a folder's .txt/.md files (recursively, hidden ones skipped) in sorted path order."""
     if path.is_file():
+        if path.suffix.lower() not in TEXT_SUFFIXES:  # a binary file read as text would give a meaningless number
+            raise UserError(
+                f"{path} is not a .txt or .md file; evaluate reads plain text (rename a plain-text file to .txt)."
+            )
         return [path]
     if not path.is_dir():
         raise UserError(f"No data at {path}; give a text file or a folder of .txt/.md files.")
@@ -114,7 +118,7 @@ def evaluate(params, config: GPT2Config, tokens: np.ndarray, *, batch_size: int 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gpt2_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m gpt2_jax.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model path (any format) or preset name")
     parser.add_argument("--data", required=True, help="a text file, or a folder of .txt/.md files")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
@@ -129,8 +133,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    files = text_files(Path(args.data))  # a wrong --data fails before the model is read
     model = load_model(args.model, dtype=args.dtype)
-    tokens = token_stream(text_files(Path(args.data)), model.tokenizer)
+    tokens = token_stream(files, model.tokenizer)
     if tokens.size and tokens.max() >= model.config.n_vocab:
         raise UserError(
             f"The tokenizer gives ids up to {tokens.max()} but {model.source} has only {model.config.n_vocab} "

@@ -3,17 +3,20 @@
     OUT/gpt2_jax.json    {"format": "gpt2-jax", "version": 1, "config": {n_vocab, n_ctx, n_embd, n_head, n_layer,
                           layer_norm_epsilon}}  (+ "training": {...} in a run directory)
     OUT/params/          orbax StandardCheckpointer directory of the float32 params pytree
+    OUT/gpt2_jax.checksums.json   size and CRC-32 of every file under params/ (see checksums.py)
     OUT/encoder.json + OUT/vocab.bpe  or  OUT/tokenizer.model
 
 A training run (`runs/NAME/`) has the same json and tokenizer, and `checkpoints/<step>/params` (StandardSave items
-of an orbax CheckpointManager) instead of `params/`. Whole directories are written under a temporary name beside the
-destination and renamed into place, so a crash never leaves a half-written model under the final name.
+of an orbax CheckpointManager) instead of `params/`, with the checksums in the step directory when the trainer wrote
+them. Whole directories are written under a temporary name beside the destination and renamed into place, so a
+crash never leaves a half-written model under the final name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -24,7 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gpt2_jax.config import GPT2Config
+from gpt2_jax.checksums import verify_checksums, write_checksums
+from gpt2_jax.config import GPT2Config, naming_the_file
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import abstract_params
 from gpt2_jax.tokenizer import atomic_write_bytes
@@ -44,13 +48,16 @@ def read_model_json(directory: str | os.PathLike) -> GPT2Config:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         fields = record["config"]
+        if not isinstance(fields, dict):
+            raise TypeError(f"its config is a {type(fields).__name__}, not an object")
     except FileNotFoundError:
         raise UserError(f"{directory} has no {CONFIG_FILE}; it is not a gpt2-jax model or run directory.")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a valid gpt2-jax model file ({e}); convert the model again.")
     if record.get("format") != FORMAT or record.get("version", 0) > VERSION:
         raise UserError(f"{path} is format {record.get('format')!r} v{record.get('version')}; update gpt2-jax.")
-    return GPT2Config(**{k: v for k, v in fields.items() if k in CONFIG_FIELDS})
+    with naming_the_file(path):
+        return GPT2Config(**{k: v for k, v in fields.items() if k in CONFIG_FIELDS})
 
 
 def save_params(params_dir: str | os.PathLike, params: Mapping[str, Any]) -> None:
@@ -65,10 +72,13 @@ def save_params(params_dir: str | os.PathLike, params: Mapping[str, Any]) -> Non
 
 
 def load_params(params_dir: str | os.PathLike, config: GPT2Config) -> dict:
-    """Restore params, checking every shape against the config first (a clear sentence instead of orbax's error)."""
+    """Restore params, checking their files against saved checksums and every shape against the config first (a clear
+    sentence instead of orbax's error, or instead of silently wrong weights)."""
     params_dir = Path(params_dir).absolute()
+    # Checksums saved beside params/ (a converted model's, or a training step's) catch what orbax cannot see.
+    verify_checksums(params_dir.parent, params_dir.name, advice="use another checkpoint, or convert the model again")
     target = abstract_params(config)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _quiet_absl(), ocp.StandardCheckpointer() as checkpointer:
         try:
             stored = checkpointer.metadata(params_dir).item_metadata
             stored = stored.tree if hasattr(stored, "tree") else stored
@@ -84,13 +94,34 @@ def load_params(params_dir: str | os.PathLike, config: GPT2Config) -> dict:
                 )
         try:
             return checkpointer.restore(params_dir, target)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # orbax wraps tensorstore's errors (truncated, corrupt data) in a bare Exception
             raise UserError(
-                f"The params checkpoint {params_dir} is damaged ({_first_line(e)}); use another checkpoint."
+                f"The params checkpoint {params_dir} is damaged ({_first_line(_root_cause(e))}); "
+                "use another checkpoint."
             )
 
 
-def _first_line(error: Exception) -> str:
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Hide orbax's warning that a training checkpoint's `params` item has no _CHECKPOINT_METADATA of its own
+    (true, and harmless: the step directory has it), which every load of a run would print."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: tensorstore's own message ('Data corruption detected', ...)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -100,6 +131,7 @@ def save_native_model(
     """Fill `directory` (normally the temporary one of `atomic_directory`) with a native model."""
     directory = Path(directory)
     save_params(directory / "params", params)
+    write_checksums(directory, ["params"])
     tokenizer.save(directory)
     write_model_json(directory, config)
 

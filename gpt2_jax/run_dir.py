@@ -72,7 +72,13 @@ class RunLock:
         """Take the lock; returns a note when a stale lock of a dead process was taken over."""
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
         tmp = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}")
-        tmp.write_text(record, encoding="utf-8")
+        try:
+            tmp.write_text(record, encoding="utf-8")
+        except OSError as e:
+            raise UserError(
+                f"Cannot write in the run directory {self.path.parent} ({e.strerror or e}); make it writable or "
+                "train into another --run_name / --out."
+            )
         note = None
         try:
             for _ in range(3):

@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from gpt2_jax.config import GPT2Config
+from gpt2_jax.config import GPT2Config, naming_the_file
 from gpt2_jax.errors import UserError
 from gpt2_jax.hf_format import params_to_hf_state_dict
 from gpt2_jax.tokenizer import atomic_write_bytes
@@ -121,7 +121,8 @@ def read_hf_config(path: Path) -> GPT2Config | None:
         hf = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{file} is not valid JSON ({e}); restore it from the model's download.")
-    return GPT2Config.from_hf_config(hf)
+    with naming_the_file(file):
+        return GPT2Config.from_hf_config(hf)
 
 
 def write_safetensors_model(

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from gpt2_jax.cli import ArgumentParser
 from gpt2_jax.errors import UsageError
 
 
@@ -145,7 +146,7 @@ def build_parser(
     description: str = "Fine-tune GPT-2 (or train one from scratch) on your text.",
 ) -> argparse.ArgumentParser:
     """One flag per TrainConfig field; every default is None so `explicit_flags` can tell what was given."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train.py",
         description=description,
         epilog=EPILOG,

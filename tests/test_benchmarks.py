@@ -143,8 +143,10 @@ def test_compare_is_skipped_in_one_line_without_torch(monkeypatch):
 def test_bad_flags_are_usage_errors():
     with pytest.raises(UsageError):
         bench_main(["--job", "decode", "--preset", "tiny", "--repeats", "0"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="every value must be at least 1"):
         bench_main(["--batch", "0,2"])
+    with pytest.raises(UsageError, match="longer than tiny's context of 128"):
+        bench_main(["--job", "train", "--preset", "tiny", "--seq", "500"])
     with pytest.raises(UsageError, match="--preset, --devices shape a sweep of your own"):  # ignored silently before
         build_sweeps(parse_args(["--suite", "quick", "--preset", "tiny", "--devices", "2"]))
     with pytest.raises(UsageError):
