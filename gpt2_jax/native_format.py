@@ -30,8 +30,8 @@ import orbax.checkpoint as ocp
 from gpt2_jax.checksums import verify_checksums, write_checksums
 from gpt2_jax.config import GPT2Config, naming_the_file
 from gpt2_jax.errors import UserError
+from gpt2_jax.files import atomic_write_bytes
 from gpt2_jax.model import abstract_params
-from gpt2_jax.tokenizer import atomic_write_bytes
 
 CONFIG_FILE = "gpt2_jax.json"
 FORMAT, VERSION = "gpt2-jax", 1

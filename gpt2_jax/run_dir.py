@@ -30,17 +30,9 @@ from typing import Any
 from gpt2_jax import native_format
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UserError
+from gpt2_jax.files import atomic_write_bytes
 
 LOCK_FILE = "train.lock"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -174,7 +166,7 @@ class RunDir:
         records = self.read_metrics()
         kept = [r for r in records if r.get("step", 0) <= step]
         if len(kept) != len(records) and self.writer:
-            _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         return kept
 
     def clear_outputs(self) -> None:
@@ -219,7 +211,7 @@ class RunDir:
             return self.samples / f"samples-{step}.txt"
         self.samples.mkdir(parents=True, exist_ok=True)
         path = self.samples / f"samples-{step}.txt"
-        _atomic_write(path, format_samples(samples, prompt).encode("utf-8"))
+        atomic_write_bytes(path, format_samples(samples, prompt).encode("utf-8"))
         return path
 
 

@@ -35,8 +35,9 @@ from gpt2_jax.loading import default_compute_dtype, load_model
 from gpt2_jax.model import abstract_params, init_params
 from gpt2_jax.optim import learning_rate_schedule, make_optimizer
 from gpt2_jax.run_dir import RunDir
+from gpt2_jax.sentencepiece_tokenizer import train_sentencepiece
 from gpt2_jax.sharding import bytes_per_device, choose_strategy, gib, tree_shardings
-from gpt2_jax.tokenizer import gpt2_tokenizer, load_tokenizer, train_sentencepiece
+from gpt2_jax.tokenizer import gpt2_tokenizer, load_tokenizer
 from gpt2_jax.train_config import DEMO_ACCELERATOR, DEMO_CPU, SCRATCH_PREFIX, TrainConfig, is_scratch, resolve
 from gpt2_jax.train_step import (
     TrainState,

@@ -21,7 +21,8 @@ from gpt2_jax import data, data_files, token_cache
 from gpt2_jax.batches import BatchSampler, eval_windows, n_eval_windows
 from gpt2_jax.data import load_dataset
 from gpt2_jax.errors import UserError
-from gpt2_jax.tokenizer import gpt2_tokenizer, train_sentencepiece
+from gpt2_jax.sentencepiece_tokenizer import train_sentencepiece
+from gpt2_jax.tokenizer import gpt2_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = 50256

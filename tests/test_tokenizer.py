@@ -17,6 +17,7 @@ import regex
 import sentencepiece as spm
 
 from gpt2_jax.errors import UserError
+from gpt2_jax.sentencepiece_tokenizer import train_sentencepiece
 from gpt2_jax.tokenizer import (
     PACKAGED_GPT2_DIR,
     GPT2Tokenizer,
@@ -24,7 +25,6 @@ from gpt2_jax.tokenizer import (
     Tokenizer,
     gpt2_tokenizer,
     load_tokenizer,
-    train_sentencepiece,
 )
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "hamlet_gut.txt"
