@@ -12,7 +12,6 @@ wait, delete and restore alike (orbax writes each process's shards and lets proc
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -25,6 +24,7 @@ from jax.sharding import Sharding
 
 from gpt2_jax.checksums import verify_checksums, write_checksums
 from gpt2_jax.errors import UserError
+from gpt2_jax.orbax_quiet import quiet_failed_writes
 
 ITEMS = ("params", "opt_state", "meta")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -76,10 +76,7 @@ class Checkpoints:
         self.in_flight: int | None = None  # the step being written in the background
         self.keep = keep
         if not read_only:
-            # orbax logs a traceback per failed background write, and its writer threads die noisily when the
-            # disk is full; we raise one sentence instead (see _failed).
-            logging.getLogger("absl").setLevel(logging.CRITICAL)
-            _ignore_closed_event_loop_noise()
+            quiet_failed_writes()  # a failed save is one sentence (see _failed), not orbax's tracebacks
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,
@@ -227,21 +224,6 @@ class Checkpoints:
                     raise
                 print(f"warning: {e} Falling back to the checkpoint before it.", file=sys.stderr, flush=True)
         raise AssertionError("unreachable")
-
-
-def _ignore_closed_event_loop_noise() -> None:
-    """Drop the 'Event loop is closed' tracebacks tensorstore's callbacks print after a failed write."""
-    previous = sys.unraisablehook
-    if getattr(previous, "gpt2_jax_filter", False):
-        return
-
-    def hook(unraisable) -> None:
-        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
-            return
-        previous(unraisable)
-
-    hook.gpt2_jax_filter = True
-    sys.unraisablehook = hook
 
 
 def _short_reason(error: Exception) -> str:

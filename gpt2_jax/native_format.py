@@ -32,6 +32,7 @@ from gpt2_jax.config import GPT2Config, naming_the_file
 from gpt2_jax.errors import UserError
 from gpt2_jax.files import atomic_write_bytes
 from gpt2_jax.model import abstract_params
+from gpt2_jax.orbax_quiet import quiet_failed_writes
 
 CONFIG_FILE = "gpt2_jax.json"
 FORMAT, VERSION = "gpt2-jax", 1
@@ -67,6 +68,7 @@ def save_params(params_dir: str | os.PathLike, params: Mapping[str, Any]) -> Non
     saving need ~1.8x the params in extra memory. Any orbax reader (StandardCheckpointer included) reads it.
     """
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    quiet_failed_writes()  # a failed write is one sentence from the caller, not orbax's tracebacks
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
         checkpointer.save(Path(params_dir).absolute(), args=ocp.args.PyTreeSave(params))
 
