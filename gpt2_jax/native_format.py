@@ -79,7 +79,10 @@ def load_params(params_dir: str | os.PathLike, config: GPT2Config) -> dict:
     params_dir = Path(params_dir).absolute()
     # Checksums saved beside params/ (a converted model's, or a training step's) catch what orbax cannot see.
     verify_checksums(params_dir.parent, params_dir.name, advice="use another checkpoint, or convert the model again")
-    target = abstract_params(config)
+    # Placed on this process's first device whatever mesh wrote them: a run trained on 8 devices (replicated or
+    # sharded) samples on one, and orbax refuses to guess a placement for devices it does not see.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params(config))
     with _quiet_absl(), ocp.StandardCheckpointer() as checkpointer:
         try:
             stored = checkpointer.metadata(params_dir).item_metadata

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from gpt2_jax.config import get_config
+from gpt2_jax.native_format import load_params
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300
 
@@ -94,6 +97,10 @@ def test_two_processes_train_like_one_and_resume_in_one(corpus, tmp_path):
 
     resumed = run_one([*train_args(corpus, b, 6), "--restore_from", "latest"], devices=4)
     assert "resuming at step 4" in resumed.stdout and "replicated" in resumed.stdout
+
+    # A model trained across several devices is a model for one: sample.py/convert read it on this 1-device process.
+    for step in ("4", "6"):  # written by 2 processes (fsdp over 4 devices), and by 1 process (4 devices, replicated)
+        assert load_params(b / "checkpoints" / step / "params", get_config("tiny"))["wte"].shape == (50257, 64)
 
     reference, distributed = losses(a), losses(b)
     assert sorted(distributed) == [1, 2, 3, 4, 5, 6]
