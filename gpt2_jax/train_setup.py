@@ -28,7 +28,7 @@ from gpt2_jax import data_files, native_format
 from gpt2_jax.checkpoints import Checkpoints, complete_steps, half_written, resolve_checkpoint_path
 from gpt2_jax.config import GPT2Config, count_params, get_config
 from gpt2_jax.data import TokenDataset, load_dataset
-from gpt2_jax.distributed import is_primary
+from gpt2_jax.distributed import barrier, is_primary
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.flops import peak_flops
 from gpt2_jax.loading import default_compute_dtype, load_model
@@ -229,9 +229,7 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
     if seq_len > model_config.n_ctx:
         raise UsageError(f"--seq_len {seq_len} is longer than the model's context n_ctx={model_config.n_ctx}.")
     cfg = dataclasses.replace(cfg, seq_len=seq_len)
-    dataset = load_dataset(
-        dataset_path, tokenizer, val_fraction=cfg.val_fraction, val_path=cfg.val_dataset, seq_len=seq_len
-    )
+    dataset = _load_dataset_once(dataset_path, tokenizer, cfg.val_fraction, cfg.val_dataset, seq_len)
 
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.learning_rate / 10
     hyper = (cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, min_lr, cfg.weight_decay,
@@ -277,6 +275,21 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
     )  # fmt: skip
     _print_summary(session, mode, devices, per_device, min_lr, peak_source, state_bytes)
     return session
+
+
+def _load_dataset_once(path: str, tokenizer: Any, val_fraction: float, val_path: str | None, seq_len: int):
+    """The dataset, tokenized by process 0 alone in a multi-process run: the others wait, then read its token cache
+    (or tokenize for themselves where the data folder is not shared)."""
+    load = lambda: load_dataset(path, tokenizer, val_fraction=val_fraction, val_path=val_path, seq_len=seq_len)
+    if jax.process_count() == 1:
+        return load()
+    if not is_primary():
+        barrier("dataset tokenized")
+        return load()
+    try:
+        return load()
+    finally:  # also when it fails: the others then fail on the same data with the same sentence, not hang
+        barrier("dataset tokenized")
 
 
 def choose_sharding(requested: str, model_config: GPT2Config, hyper: tuple, mesh) -> tuple[str, dict[str, int]]:
