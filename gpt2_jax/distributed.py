@@ -39,11 +39,17 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     except (RuntimeError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"Could not join the distributed run ({first_line[:200]}); check that every process was started with "
-            "the same --coordinator HOST:PORT and --num_processes, that each --process_id is unique, and that the "
-            "coordinator's port is reachable."
-        )
+        if coordinator is None:
+            advice = (
+                "outside a TPU pod, SLURM or Open MPI job, start every process with --coordinator HOST:PORT "
+                "--num_processes N --process_id I"
+            )
+        else:
+            advice = (
+                "check that every process was started with the same --coordinator HOST:PORT and --num_processes, "
+                "that each --process_id is unique, and that the coordinator's port is reachable"
+            )
+        raise UserError(f"Could not join the distributed run ({first_line[:200]}); {advice}.")
     if not is_primary():
         # One voice: process 0 prints the log; the others' stdout would repeat it line for line.
         sys.stdout = open(os.devnull, "w", encoding="utf-8")

@@ -237,7 +237,8 @@ def check_ranges(values: dict[str, Any]) -> None:
         raise UsageError(f"--num_processes must be at least 1, got {values['num_processes']}.")
     cluster_flags = [f"--{k}" for k in ("coordinator", "num_processes", "process_id") if values.get(k) is not None]
     if cluster_flags and not values.get("distributed"):
-        raise UsageError(f"{' '.join(cluster_flags)} only mean something with --distributed; add it.")
+        verb = "means" if len(cluster_flags) == 1 else "mean"
+        raise UsageError(f"{' '.join(cluster_flags)} only {verb} something with --distributed; add it.")
     if values.get("overwrite") and values.get("restore_from") == "latest":
         raise UsageError("--overwrite deletes checkpoints, which --restore_from latest continues from; drop one.")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -107,3 +108,21 @@ def test_two_processes_train_like_one_and_resume_in_one(corpus, tmp_path):
     assert reference[6] < reference[1]  # it trains
     for step in range(1, 7):
         assert abs(distributed[step] - reference[step]) <= 1e-5, (step, distributed[step], reference[step])
+
+
+@pytest.mark.parametrize(
+    ("flags", "code", "message"),
+    [
+        (["--distributed"], 1, r"outside a TPU pod, SLURM or Open MPI job, start every process with --coordinator"),
+        (["--coordinator", "127.0.0.1:1"], 2, r"--coordinator only means something with --distributed; add it\."),
+        (["--distributed", "--num_processes", "2"], 2, r"--coordinator, --num_processes and --process_id go together"),
+        (["--distributed", "--coordinator", "127.0.0.1:1", "--num_processes", "2", "--process_id", "2"], 2,
+         r"--process_id must be in \[0, 2\), got 2\."),
+    ],
+)  # fmt: skip
+def test_cluster_flags_that_cannot_work_are_one_sentence(flags, code, message):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT, env=env_with_devices(1),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == code, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert re.search(message, done.stderr.strip().splitlines()[-1]), done.stderr[-2000:]
