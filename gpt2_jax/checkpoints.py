@@ -24,7 +24,7 @@ from jax.sharding import Sharding
 
 from gpt2_jax.checksums import verify_checksums, write_checksums
 from gpt2_jax.errors import UserError
-from gpt2_jax.orbax_quiet import quiet_failed_writes
+from gpt2_jax.orbax_quiet import quiet_orbax_failures
 
 ITEMS = ("params", "opt_state", "meta")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -75,8 +75,7 @@ class Checkpoints:
         self.leftovers = half_written(self.directory)
         self.in_flight: int | None = None  # the step being written in the background
         self.keep = keep
-        if not read_only:
-            quiet_failed_writes()  # a failed save is one sentence (see _failed), not orbax's tracebacks
+        quiet_orbax_failures()  # a failed save or restore is one sentence (_failed, restore), not orbax's tracebacks
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,

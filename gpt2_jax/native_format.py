@@ -32,7 +32,7 @@ from gpt2_jax.config import GPT2Config, naming_the_file
 from gpt2_jax.errors import UserError
 from gpt2_jax.files import atomic_write_bytes
 from gpt2_jax.model import abstract_params
-from gpt2_jax.orbax_quiet import quiet_failed_writes
+from gpt2_jax.orbax_quiet import quiet_orbax_failures
 
 CONFIG_FILE = "gpt2_jax.json"
 FORMAT, VERSION = "gpt2-jax", 1
@@ -68,7 +68,7 @@ def save_params(params_dir: str | os.PathLike, params: Mapping[str, Any]) -> Non
     saving need ~1.8x the params in extra memory. Any orbax reader (StandardCheckpointer included) reads it.
     """
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    quiet_failed_writes()  # a failed write is one sentence from the caller, not orbax's tracebacks
+    quiet_orbax_failures()  # a failed write is one sentence from the caller, not orbax's tracebacks
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
         checkpointer.save(Path(params_dir).absolute(), args=ocp.args.PyTreeSave(params))
 
@@ -81,6 +81,7 @@ def load_params(params_dir: str | os.PathLike, config: GPT2Config) -> dict:
     verify_checksums(params_dir.parent, params_dir.name, advice="use another checkpoint, or convert the model again")
     # Placed on this process's first device whatever mesh wrote them: a run trained on 8 devices (replicated or
     # sharded) samples on one, and orbax refuses to guess a placement for devices it does not see.
+    quiet_orbax_failures()  # a damaged file is one sentence below, not tracebacks from orbax's other readers
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params(config))
     with _quiet_absl(), ocp.StandardCheckpointer() as checkpointer:

@@ -1,8 +1,10 @@
-"""Keep orbax's own failure noise off the user's terminal when a write fails (full disk, read-only folder).
+"""Keep orbax's own failure noise off the user's terminal when a read or write fails (full disk, read-only folder,
+a damaged checkpoint that is skipped).
 
 A failed orbax save logs a traceback per writer thread through absl, and tensorstore's callbacks then raise
-'Event loop is closed' into threads whose loop is gone, which Python prints as "Exception ignored" tracebacks. The
-callers (checkpoints.py, native_format.py) already turn the failure itself into one sentence; this drops the rest.
+'Event loop is closed' into threads whose loop is gone; a failed restore leaves its other reading coroutines to
+raise when they are collected. Python prints both as "Exception ignored in ..." tracebacks. The callers
+(checkpoints.py, native_format.py) already turn the failure itself into one sentence; this drops the rest.
 """
 
 from __future__ import annotations
@@ -11,17 +13,24 @@ import logging
 import sys
 
 
-def quiet_failed_writes() -> None:
-    """Silence absl's per-thread error logs and the closed-event-loop tracebacks, once per process."""
+def quiet_orbax_failures() -> None:
+    """Silence absl's per-thread error logs and orbax's leftover-coroutine tracebacks, once per process."""
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     previous = sys.unraisablehook
     if getattr(previous, "gpt2_jax_filter", False):
         return
 
     def hook(unraisable) -> None:
-        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
-            return
-        previous(unraisable)
+        if not _is_orbax_leftover(unraisable):
+            previous(unraisable)
 
     hook.gpt2_jax_filter = True
     sys.unraisablehook = hook
+
+
+def _is_orbax_leftover(unraisable) -> bool:
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+        return True
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine of orbax's, collected after a failed read
+    return code is not None and "orbax" in code.co_filename
