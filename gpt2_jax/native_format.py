@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -181,4 +182,15 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
+
+
+def remove_tree(path: Path, *, patience_s: float = 5.0) -> None:
+    """Delete a directory that writer threads may still be adding to: after a failed save orbax's background
+    threads finish their writes a moment later, so one rmtree can leave a file (and its folder) behind."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists() or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)

@@ -3,7 +3,8 @@ a damaged checkpoint that is skipped).
 
 A failed orbax save logs a traceback per writer thread through absl, and tensorstore's callbacks then raise
 'Event loop is closed' into threads whose loop is gone; a failed restore leaves its other reading coroutines to
-raise when they are collected. Python prints both as "Exception ignored in ..." tracebacks. The callers
+raise when they are collected. Python prints those as "Exception ignored in ..." tracebacks, and asyncio logs a failed
+task nobody awaited as "Task exception was never retrieved". The callers
 (checkpoints.py, native_format.py) already turn the failure itself into one sentence; this drops the rest.
 """
 
@@ -13,9 +14,19 @@ import logging
 import sys
 
 
+class _DropOrbaxTasks(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for a task of orbax's (the failed write, reported already)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "orbax" not in record.getMessage()
+
+
 def quiet_orbax_failures() -> None:
     """Silence absl's per-thread error logs and orbax's leftover-coroutine tracebacks, once per process."""
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropOrbaxTasks) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropOrbaxTasks())
     previous = sys.unraisablehook
     if getattr(previous, "gpt2_jax_filter", False):
         return
