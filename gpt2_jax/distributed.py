@@ -23,9 +23,10 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from gpt2_jax.errors import UsageError, UserError
+from gpt2_jax.train_step import batch_sharding, shard_batch
 
 
 def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
@@ -61,7 +62,7 @@ def is_primary() -> bool:
 
 def local_rows(mesh: Mesh, global_rows: int) -> slice:
     """The rows of a row-sharded `[global_rows, ...]` array that live on this process's devices (contiguous)."""
-    index_map = NamedSharding(mesh, PartitionSpec("data")).addressable_devices_indices_map((global_rows,))
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
     starts = sorted(
         {(s[0].start or 0, s[0].stop if s[0].stop is not None else global_rows) for s in index_map.values()}
     )
@@ -73,10 +74,10 @@ def local_rows(mesh: Mesh, global_rows: int) -> slice:
 
 def global_batch(local_BX: np.ndarray, mesh: Mesh, global_rows: int) -> jax.Array:
     """This process's rows `[local, ...]` -> the global row-sharded array `[global_rows, ...]` (asynchronous copy)."""
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
     if jax.process_count() == 1:
-        return jax.device_put(local_BX, sharding)
-    return jax.make_array_from_process_local_data(sharding, local_BX, (global_rows, *local_BX.shape[1:]))
+        return shard_batch(local_BX, mesh)
+    shape = (global_rows, *local_BX.shape[1:])
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_BX, shape)
 
 
 def host_copy(tree: Any) -> Any:

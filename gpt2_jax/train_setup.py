@@ -154,8 +154,10 @@ def _dataset_texts(path: str):
     return texts
 
 
+@functools.lru_cache(maxsize=4)
 def abstract_state(model_config: GPT2Config, optimizer: Any) -> TrainState:
-    """The training state's shapes and dtypes (`jax.eval_shape`: nothing allocated, even for 1558M)."""
+    """The training state's shapes and dtypes (`jax.eval_shape`: nothing allocated, even for 1558M); traced once per
+    configuration, though the memory check, the step's shardings and a restore all ask for it."""
     return jax.eval_shape(lambda p: create_state(p, optimizer, 0), abstract_params(model_config))
 
 
