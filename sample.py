@@ -122,10 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_flags(args)
     # The prompt is read (and a bad --prompt_file refused) before the model, which can take a while to load.
     prompt = read_prompt_file(args.prompt_file) if args.prompt_file else repaired(args.prompt or "", "--prompt")
-    from gpt2_jax.decoder import decode_weights  # jax is imported here, after the flags are known to be good
-    from gpt2_jax.generate import generate_samples
-    from gpt2_jax.loading import load_model
-    from gpt2_jax.sampling import SamplingConfig
+    from gpt2_jax.model.decode import decode_weights  # jax is imported here, after the flags are known to be good
+    from gpt2_jax.sampling.generate import generate_samples
+    from gpt2_jax.sampling.processors import SamplingConfig
+    from gpt2_jax.weights.loading import load_model
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # flag ranges
     spec = args.model or DEFAULT_MODEL

@@ -19,15 +19,15 @@ BUNDLED_DATASET = Path(__file__).resolve().parent / "data" / "shakespeare"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gpt2_jax.train_config import build_parser, check_ranges, explicit_flags
+    from gpt2_jax.training.config import build_parser, check_ranges, explicit_flags
 
     explicit = explicit_flags(build_parser().parse_args(argv))
     check_ranges(explicit)  # flags out of range fail before jax is even imported
     if explicit.get("distributed"):  # before any other JAX call, as jax.distributed requires
-        from gpt2_jax.distributed import initialize
+        from gpt2_jax.training.distributed import initialize
 
         initialize(explicit.get("coordinator"), explicit.get("num_processes"), explicit.get("process_id"))
-    from gpt2_jax.trainer import run_training
+    from gpt2_jax.training.loop import run_training
 
     return run_training(explicit, bundled_dataset=str(BUNDLED_DATASET))
 

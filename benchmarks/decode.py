@@ -3,7 +3,7 @@
     python -m benchmarks.decode                                   # the CPU goal: 124M, fp32, batch 1 and 8
     python -m benchmarks.decode --batches 1,8,64 --lengths 128,512 --no-pytorch --json out.json
 
-Each point times our jitted decoder (`gpt2_jax.sampling`: one prefill, then one decode_chunk call for every new
+Each point times our jitted decoder (`gpt2_jax.sampling.loop`: one prefill, then one decode_chunk call for every new
 token, top-k sampling, no early stop) on a random model after a compile (timed apart), median of `--repeats` runs.
 With PyTorch it also times `GPT2LMHeadModel.generate` (same weights, do_sample, top_k, use_cache, same prompt and
 number of new tokens) in the same process, and reports the ratio of generation throughputs (new tokens/s of a
@@ -23,10 +23,11 @@ import jax
 import numpy as np
 
 from gpt2_jax.config import get_config
-from gpt2_jax.decoder import decode_weights
-from gpt2_jax.generate import cache_slots, prompt_bucket
-from gpt2_jax.model import init_params
-from gpt2_jax.sampling import SamplingConfig, decode_chunk, prefill_and_sample
+from gpt2_jax.model.decode import decode_weights
+from gpt2_jax.model.transformer import init_params
+from gpt2_jax.sampling.generate import cache_slots, prompt_bucket
+from gpt2_jax.sampling.loop import decode_chunk, prefill_and_sample
+from gpt2_jax.sampling.processors import SamplingConfig
 
 NO_EOT = np.int32(-1)  # no row ever stops early: every run decodes exactly the asked number of tokens
 

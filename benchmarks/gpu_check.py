@@ -19,7 +19,7 @@ import numpy as np
 from benchmarks.bandwidth import measure_copy_bandwidth
 from gpt2_jax import decoding
 from gpt2_jax.config import get_config
-from gpt2_jax.model import GPT2, init_params
+from gpt2_jax.model.transformer import GPT2, init_params
 
 
 def _time(fn, *args, repeats: int = 10) -> float:

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 from benchmarks.train import model_config, random_batch, time_ours
-from gpt2_jax.flops import flops_per_token
-from gpt2_jax.model import init_params
+from gpt2_jax.model.flops import flops_per_token
+from gpt2_jax.model.transformer import init_params
 
 VARIANTS = {
     "base": {},

@@ -19,7 +19,7 @@ Fields of a point:
                         whole generation, prefill included (what a user waits for)
     per_token_ms        decode: one step of the decode loop
     compile_s           first call minus a steady-state call
-    model_flops_per_s   tokens/s x FLOPs per token (gpt2_jax.flops: 6N + 12LHQT to train, a third of it forward)
+    model_flops_per_s   tokens/s x FLOPs per token (gpt2_jax.model.flops: 6N + 12LHQT to train, a third of it forward)
     mfu, peak_flops, peak_source   train: model FLOP/s over the peak of the devices used
     memory_bytes_in_use, memory_peak_bytes   where the backend reports them (peak since the process started)
     bandwidth_fraction, bound_ms_per_step, bytes_per_step   decode: see benchmarks/bandwidth.py
@@ -46,10 +46,10 @@ import numpy as np
 from benchmarks import bandwidth, decode
 from benchmarks import train as train_bench
 from gpt2_jax.config import get_config
-from gpt2_jax.decoder import decode_weights
 from gpt2_jax.errors import UsageError
-from gpt2_jax.flops import flops_per_token, peak_flops
-from gpt2_jax.model import attention_implementation, init_params
+from gpt2_jax.model.decode import decode_weights
+from gpt2_jax.model.flops import flops_per_token, peak_flops
+from gpt2_jax.model.transformer import attention_implementation, init_params
 
 Log = Callable[[str], None]
 

@@ -3,15 +3,16 @@
     python -m benchmarks.train                                  # the CPU goal: mini (6 x 384), fp32, batch 8 x 256
     python -m benchmarks.train --presets tiny,mini --batches 4,8 --seq 128 --no-pytorch --json out.json
 
-Ours is exactly what train.py runs (`gpt2_jax.train_step.build_train_step`: forward, backward, global-norm clip,
+Ours is exactly what train.py runs (`gpt2_jax.training.step.build_train_step`: forward, backward, global-norm clip,
 AdamW with the decay mask, state donated; layers unrolled per scan step as train.py's `--scan_unroll` default) on a
 random model and random tokens; the compile is timed apart and the steady state is the median of `--repeats` steps.
 PyTorch runs the same step in the same process: `GPT2LMHeadModel` (SDPA attention) holding the same weights,
 float32 cross-entropy over the same targets, `clip_grad_norm_`, `torch.optim.AdamW` with the same decay groups and
 hyperparameters; on a CPU in float32, on CUDA with fp32 weights and autocast to the compute dtype (our precision
 recipe). The two take their timed steps in turns, so load from other programs slows both alike. MFU is model FLOPs
-(6N + 12LHQT per token, gpt2_jax.flops) over the device's peak: a datasheet figure on known accelerators, on a CPU a
-large matmul measured in this run (machines shared with other work give noisy numbers: report the load beside them).
+(6N + 12LHQT per token, gpt2_jax.model.flops) over the device's peak: a datasheet figure on known accelerators,
+on a CPU a large matmul measured in this run (machines shared with other work give noisy numbers: report the
+load beside them).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import jax
 import numpy as np
 
 from gpt2_jax.config import GPT2Config, get_config
-from gpt2_jax.flops import flops_per_token, peak_flops
-from gpt2_jax.model import init_params
-from gpt2_jax.optim import learning_rate_schedule, make_optimizer
-from gpt2_jax.train_setup import default_scan_unroll
-from gpt2_jax.train_step import build_train_step, create_state, make_mesh, replicated, select_devices, shard_batch
+from gpt2_jax.model.flops import flops_per_token, peak_flops
+from gpt2_jax.model.transformer import init_params
+from gpt2_jax.training.optim import learning_rate_schedule, make_optimizer
+from gpt2_jax.training.setup import default_scan_unroll
+from gpt2_jax.training.step import build_train_step, create_state, make_mesh, replicated, select_devices, shard_batch
 
 HYPER = dict(learning_rate=1e-4, weight_decay=0.1, grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8)
 
@@ -103,7 +104,7 @@ def torch_model(config: GPT2Config, params: Any, device: str = "cpu", *, attenti
     import torch
     import transformers
 
-    from gpt2_jax.hf_format import params_to_hf_state_dict
+    from gpt2_jax.weights.huggingface import params_to_hf_state_dict
 
     hf_config = transformers.GPT2Config(**config.to_hf_config(), attn_implementation=attention)
     with torch.device("meta"):  # no random init: every weight is replaced below

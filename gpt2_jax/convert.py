@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import DTYPES, count_params
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.loading import LoadedModel, load_model
-from gpt2_jax.native_format import atomic_directory, save_native_model
-from gpt2_jax.openai_format import write_openai_checkpoint
-from gpt2_jax.safetensors_io import write_safetensors_model
+from gpt2_jax.weights.loading import LoadedModel, load_model
+from gpt2_jax.weights.native import atomic_directory, save_native_model
+from gpt2_jax.weights.openai import write_openai_checkpoint
+from gpt2_jax.weights.safetensors_io import write_safetensors_model
 
 TARGETS = ("native", "hf", "openai")
 # How a failed write surfaces: OSError from Python, ValueError/RuntimeError from orbax's tensorstore, SafetensorError.

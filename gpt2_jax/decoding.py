@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT2, Cache
+from gpt2_jax.model.transformer import GPT2, Cache
 
 Array = jax.Array
 

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import ALIASES
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.files import atomic_write_bytes
-from gpt2_jax.tokenizer import PACKAGED_GPT2_DIR
+from gpt2_jax.io import atomic_write_bytes
+from gpt2_jax.tokenizers.gpt2_bpe import PACKAGED_GPT2_DIR
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 HF_BASE_URL = "https://huggingface.co"

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import DTYPES, GPT2Config
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.loading import load_model, note
-from gpt2_jax.model import GPT2
+from gpt2_jax.model.transformer import GPT2
+from gpt2_jax.weights.loading import load_model, note
 
 TEXT_SUFFIXES = (".txt", ".md")
 

@@ -2,7 +2,7 @@
 
 Every parity test in the suite compares against this one model: torch on the CPU, float32, eval mode, eager
 attention, all dropout off, the head tied to `wte` exactly as GPT-2 has it. The weights travel through
-`gpt2_jax.hf_format`, so a test against this reference also checks our mapping to and from HF state dicts.
+`gpt2_jax.weights.huggingface`, so a test against this reference also checks our mapping to and from HF state dicts.
 
     params = random_params(config, seed=0)                    # every weight matters (see its docstring)
     model = hf_model_from_params(params, config)
@@ -23,8 +23,8 @@ import torch
 import transformers
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.hf_format import params_from_hf_state_dict, params_to_hf_state_dict
-from gpt2_jax.model import abstract_params
+from gpt2_jax.model.transformer import abstract_params
+from gpt2_jax.weights.huggingface import params_from_hf_state_dict, params_to_hf_state_dict
 
 
 def random_params(config: GPT2Config, seed: int = 0) -> dict[str, Any]:

@@ -24,9 +24,9 @@ from benchmarks.__main__ import build_sweeps, parse_args, pytorch_available, use
 from benchmarks.__main__ import main as bench_main
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
-from gpt2_jax.flops import flops_per_token
-from gpt2_jax.model import GPT2, init_params
-from gpt2_jax.train_setup import default_scan_unroll
+from gpt2_jax.model.flops import flops_per_token
+from gpt2_jax.model.transformer import GPT2, init_params
+from gpt2_jax.training.setup import default_scan_unroll
 
 REPO = Path(__file__).resolve().parent.parent
 

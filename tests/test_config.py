@@ -12,7 +12,7 @@ import pytest
 
 from gpt2_jax.config import PRESETS, GPT2Config, count_params, get_config
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import abstract_params
+from gpt2_jax.model.transformer import abstract_params
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 

@@ -22,7 +22,7 @@ import transformers
 from gpt2_jax import convert
 from gpt2_jax.cli import run_cli
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.loading import load_model
+from gpt2_jax.weights.loading import load_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 REFERENCE = np.load(FIXTURE / "reference_logits.npz")

@@ -1,4 +1,4 @@
-"""Datasets (gpt2_jax.data, gpt2_jax.token_cache) and batches (gpt2_jax.batches).
+"""Datasets (gpt2_jax.data.dataset, gpt2_jax.data.cache) and batches (gpt2_jax.data.batches).
 
 Every expected token stream is built independently from the tokenizer's own `encode` of each document, joined by
 the end-of-text id, and compared with what `load_dataset` returns.
@@ -17,12 +17,14 @@ import time
 import numpy as np
 import pytest
 
-from gpt2_jax import data, data_files, token_cache
-from gpt2_jax.batches import BatchSampler, eval_windows, n_eval_windows
-from gpt2_jax.data import load_dataset
+from gpt2_jax.data import cache as token_cache
+from gpt2_jax.data import dataset as data
+from gpt2_jax.data import files as data_files
+from gpt2_jax.data.batches import BatchSampler, eval_windows, n_eval_windows
+from gpt2_jax.data.dataset import load_dataset
 from gpt2_jax.errors import UserError
-from gpt2_jax.sentencepiece_tokenizer import train_sentencepiece
-from gpt2_jax.tokenizer import gpt2_tokenizer
+from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer
+from gpt2_jax.tokenizers.sentencepiece import train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = 50256
@@ -226,8 +228,8 @@ def test_cache_written_by_a_killed_process_is_never_read(tok, tmp_path):
     write(tmp_path / "d" / "b.txt", "second document")
     script = textwrap.dedent(f"""
         import time
-        from gpt2_jax import data
-        from gpt2_jax.tokenizer import gpt2_tokenizer
+        from gpt2_jax.data import dataset as data
+        from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer
         tok = gpt2_tokenizer()
         class Slow:
             name, n_vocab, eot_id, fingerprint = tok.name, tok.n_vocab, tok.eot_id, tok.fingerprint

@@ -20,7 +20,7 @@ from reference import random_params
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.decoding import decode_step, init_cache, prefill
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT2
+from gpt2_jax.model.transformer import GPT2
 
 CFG = GPT2Config(n_vocab=97, n_ctx=32, n_embd=48, n_head=3, n_layer=3)  # 3 heads of 16, as in test_model.py
 MAX_LEN = CFG.n_ctx

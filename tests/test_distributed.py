@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from gpt2_jax.config import get_config
-from gpt2_jax.native_format import load_params
+from gpt2_jax.weights.native import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300

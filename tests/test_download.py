@@ -16,7 +16,7 @@ import pytest
 
 from gpt2_jax.download import OPENAI_FILES, download
 from gpt2_jax.errors import UserError
-from gpt2_jax.tokenizer import PACKAGED_GPT2_DIR
+from gpt2_jax.tokenizers.gpt2_bpe import PACKAGED_GPT2_DIR
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 DATA = "model.ckpt.data-00000-of-00001"
@@ -92,7 +92,7 @@ def test_full_download_gives_a_loadable_release(server, tmp_path):
     assert directory == tmp_path / "models" / "124M"
     assert sorted(p.name for p in directory.iterdir()) == sorted(OPENAI_FILES)
     _same_files(directory, server.root / "124M", OPENAI_FILES)
-    from gpt2_jax.loading import load_model  # imports JAX: only this test needs it
+    from gpt2_jax.weights.loading import load_model  # imports JAX: only this test needs it
 
     model = load_model(directory, dtype="float32")  # byte-identical to the fixture, whose logits test_loading checks
     assert model.source == f"OpenAI checkpoint {directory}" and model.config.n_vocab == 1000

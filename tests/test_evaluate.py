@@ -19,9 +19,9 @@ from gpt2_jax import evaluate
 from gpt2_jax.cli import run_cli
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import init_params
-from gpt2_jax.native_format import atomic_directory, save_native_model
-from gpt2_jax.tokenizer import gpt2_tokenizer
+from gpt2_jax.model.transformer import init_params
+from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer
+from gpt2_jax.weights.native import atomic_directory, save_native_model
 
 REPO = Path(__file__).parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "gpt2-tiny"

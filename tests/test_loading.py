@@ -23,12 +23,12 @@ from safetensors.numpy import save_file
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UserError
-from gpt2_jax.loading import default_compute_dtype, detect_format, load_model
-from gpt2_jax.model import GPT2
-from gpt2_jax.native_format import atomic_directory, save_native_model, write_model_json
-from gpt2_jax.openai_format import params_to_tf_tensors
-from gpt2_jax.tf_checkpoint import write_checkpoint
-from gpt2_jax.tokenizer import PACKAGED_GPT2_DIR
+from gpt2_jax.model.transformer import GPT2
+from gpt2_jax.tokenizers.gpt2_bpe import PACKAGED_GPT2_DIR
+from gpt2_jax.weights.loading import default_compute_dtype, detect_format, load_model
+from gpt2_jax.weights.native import atomic_directory, save_native_model, write_model_json
+from gpt2_jax.weights.openai import params_to_tf_tensors
+from gpt2_jax.weights.tf_bundle import write_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 REFERENCE = np.load(FIXTURE / "reference_logits.npz")

@@ -22,8 +22,8 @@ from reference import hf_logits, hf_loss, hf_loss_and_grads, hf_model_from_param
 from safetensors.numpy import load_file
 
 from gpt2_jax.config import GPT2Config, get_config
-from gpt2_jax.hf_format import params_from_hf_state_dict
-from gpt2_jax.model import GPT2, abstract_params, attention_implementation, init_params
+from gpt2_jax.model.transformer import GPT2, abstract_params, attention_implementation, init_params
+from gpt2_jax.weights.huggingface import params_from_hf_state_dict
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 # Deliberately odd: 3 heads of 16, a vocabulary that is no multiple of anything, 3 layers.

@@ -26,15 +26,16 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_jax import convert, evaluate, trainer
-from gpt2_jax.checkpoints import complete_steps
-from gpt2_jax.checksums import write_checksums
+from gpt2_jax import convert, evaluate
 from gpt2_jax.cli import run_cli
-from gpt2_jax.data import load_dataset
+from gpt2_jax.data.dataset import load_dataset
 from gpt2_jax.download import OPENAI_FILES, download
 from gpt2_jax.errors import UserError
-from gpt2_jax.loading import load_model
-from gpt2_jax.tokenizer import PACKAGED_GPT2_DIR, gpt2_tokenizer
+from gpt2_jax.tokenizers.gpt2_bpe import PACKAGED_GPT2_DIR, gpt2_tokenizer
+from gpt2_jax.training import loop as trainer
+from gpt2_jax.training.checkpoints import complete_steps
+from gpt2_jax.weights.checksums import write_checksums
+from gpt2_jax.weights.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "gpt2-tiny"

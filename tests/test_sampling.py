@@ -17,7 +17,8 @@ from reference import hf_model_from_params
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.generate import (
+from gpt2_jax.model.transformer import abstract_params
+from gpt2_jax.sampling.generate import (
     STOP_EOT,
     STOP_LENGTH,
     STOP_STRING,
@@ -26,9 +27,9 @@ from gpt2_jax.generate import (
     generate_text,
     generate_tokens,
 )
-from gpt2_jax.model import abstract_params
-from gpt2_jax.sampling import SamplingConfig, decode_chunk, next_token, prefill_and_sample
-from gpt2_jax.tokenizer import gpt2_tokenizer
+from gpt2_jax.sampling.loop import decode_chunk, prefill_and_sample
+from gpt2_jax.sampling.processors import SamplingConfig, next_token
+from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer
 
 GREEDY = SamplingConfig(temperature=0)
 NO_EOT = -1  # an id the model never draws: rows run to `length`
@@ -283,9 +284,9 @@ import json, sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.generate import generate_text
-from gpt2_jax.model import abstract_params
-from gpt2_jax.tokenizer import gpt2_tokenizer
+from gpt2_jax.sampling.generate import generate_text
+from gpt2_jax.model.transformer import abstract_params
+from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer
 config = GPT2Config(**json.loads(sys.argv[1]))
 leaves = list(np.load(sys.argv[2]).values())
 params = jax.tree.unflatten(jax.tree.structure(abstract_params(config)), leaves)

@@ -14,10 +14,10 @@ from jax.tree_util import DictKey
 
 from gpt2_jax.config import count_params, get_config
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import abstract_params
-from gpt2_jax.optim import make_optimizer
-from gpt2_jax.sharding import bytes_per_device, choose_strategy, leaf_spec, tree_shardings
-from gpt2_jax.train_step import create_state
+from gpt2_jax.model.transformer import abstract_params
+from gpt2_jax.training.mesh import bytes_per_device, choose_strategy, leaf_spec, tree_shardings
+from gpt2_jax.training.optim import make_optimizer
+from gpt2_jax.training.step import create_state
 
 MESH8 = AbstractMesh((8,), ("data",), axis_types=(AxisType.Auto,))
 GIB = 2**30

@@ -9,9 +9,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gpt2_jax.crc32c import crc32c, crc_update
 from gpt2_jax.errors import UserError
-from gpt2_jax.tf_checkpoint import TFCheckpoint, checkpoint_prefix, write_checkpoint
+from gpt2_jax.weights.crc32c import crc32c, crc_update
+from gpt2_jax.weights.tf_bundle import TFCheckpoint, checkpoint_prefix, write_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny" / "openai"
 SUFFIXES = (".index", ".data-00000-of-00001")

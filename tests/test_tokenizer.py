@@ -17,8 +17,7 @@ import regex
 import sentencepiece as spm
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.sentencepiece_tokenizer import train_sentencepiece
-from gpt2_jax.tokenizer import (
+from gpt2_jax.tokenizers.gpt2_bpe import (
     PACKAGED_GPT2_DIR,
     GPT2Tokenizer,
     SentencePieceTokenizer,
@@ -26,6 +25,7 @@ from gpt2_jax.tokenizer import (
     gpt2_tokenizer,
     load_tokenizer,
 )
+from gpt2_jax.tokenizers.sentencepiece import train_sentencepiece
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "hamlet_gut.txt"
 

@@ -21,12 +21,12 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax.checkpoints import complete_steps
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.native_format import load_params
-from gpt2_jax.run_dir import RunLock
-from gpt2_jax.trainer import run_training
+from gpt2_jax.training.checkpoints import complete_steps
+from gpt2_jax.training.loop import run_training
+from gpt2_jax.training.run_dir import RunLock
+from gpt2_jax.weights.native import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = str(ROOT / "data" / "shakespeare")
@@ -211,7 +211,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, flags):
 
 
 def test_cli_help_documents_every_flag_and_bad_flags_exit_2():
-    from gpt2_jax.train_config import TrainConfig
+    from gpt2_jax.training.config import TrainConfig
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     help_text = subprocess.run(

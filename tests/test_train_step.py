@@ -19,9 +19,9 @@ import pytest
 
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
-from gpt2_jax.model import init_params
-from gpt2_jax.optim import decay_mask, learning_rate_schedule, make_optimizer
-from gpt2_jax.train_step import check_batch, select_devices
+from gpt2_jax.model.transformer import init_params
+from gpt2_jax.training.optim import decay_mask, learning_rate_schedule, make_optimizer
+from gpt2_jax.training.step import check_batch, select_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,10 +85,10 @@ PARALLEL_SCRIPT = textwrap.dedent(
     """
     import json, jax, numpy as np
     from gpt2_jax.config import get_config
-    from gpt2_jax.model import init_params
-    from gpt2_jax.optim import learning_rate_schedule, make_optimizer
-    from gpt2_jax import train_step as ts
-    from gpt2_jax.sharding import tree_shardings
+    from gpt2_jax.model.transformer import init_params
+    from gpt2_jax.training.optim import learning_rate_schedule, make_optimizer
+    from gpt2_jax.training import step as ts
+    from gpt2_jax.training.mesh import tree_shardings
 
     assert len(jax.devices()) == 8
     config = get_config("tiny")

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.train_step import batch_sharding, shard_batch
+from gpt2_jax.training.step import batch_sharding, shard_batch
 
 
 def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpt2_jax import native_format
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UserError
-from gpt2_jax.files import atomic_write_bytes
+from gpt2_jax.io import atomic_write_bytes
+from gpt2_jax.weights import native
 
 LOCK_FILE = "train.lock"
 
@@ -125,22 +125,22 @@ class RunDir:
             raise UserError(f"Cannot create the run directory {self.path}: {e.strerror or e}.")
 
     def has_model_json(self) -> bool:
-        return (self.path / native_format.CONFIG_FILE).is_file()
+        return (self.path / native.CONFIG_FILE).is_file()
 
     def write_model(self, config: GPT2Config, tokenizer: Any, training: dict[str, Any]) -> None:
         """gpt2_jax.json (config + training options) and the tokenizer files: what makes the run a model."""
         if not self.writer:
             return
         tokenizer.save(self.path)
-        native_format.write_model_json(self.path, config, training=training)
+        native.write_model_json(self.path, config, training=training)
 
     def read_training_options(self) -> dict[str, Any] | None:
         try:
-            record = json.loads((self.path / native_format.CONFIG_FILE).read_text(encoding="utf-8"))
+            record = json.loads((self.path / native.CONFIG_FILE).read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{self.path / native_format.CONFIG_FILE} is damaged ({e}); restore it or start fresh.")
+            raise UserError(f"{self.path / native.CONFIG_FILE} is damaged ({e}); restore it or start fresh.")
         return record.get("training")
 
     # --- metrics ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ so a killed process leaves at most a temporary file, never a half-written cache 
 files of dead processes and caches of older versions of the same data are removed after the next successful write.
 
 The name is `<stem>.tokens.<tokenizer>.<key16>.cache` (`*.tokens.*` is in the project's .gitignore); its
-extension is none that `gpt2_jax.data` reads, so a folder scan never mistakes a cache for data.
+extension is none that `gpt2_jax.data.dataset` reads, so a folder scan never mistakes a cache for data.
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.decoder import DecodeWeights, decode_weights
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.sampling import SamplingConfig, decode_chunk, prefill_and_sample
+from gpt2_jax.model.decode import DecodeWeights, decode_weights
+from gpt2_jax.sampling.loop import decode_chunk, prefill_and_sample
+from gpt2_jax.sampling.processors import SamplingConfig
 
 STOP_LENGTH, STOP_EOT, STOP_STRING = "length", "endoftext", "stop"
 MIN_PROMPT_BUCKET = 16

@@ -27,7 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UsageError
-from gpt2_jax.model import GPT2
+from gpt2_jax.model.transformer import GPT2
 
 Array = jax.Array
 Metrics = dict[str, Array]

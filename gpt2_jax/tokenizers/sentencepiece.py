@@ -17,8 +17,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.files import atomic_write_bytes
-from gpt2_jax.tokenizer_base import EOT, id_list, read_bytes
+from gpt2_jax.io import atomic_write_bytes
+from gpt2_jax.tokenizers.base import EOT, id_list, read_bytes
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 SP_META = "\u2581"  # SentencePiece's stand-in for a space; decode turns every one back into a space

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.files import atomic_write_bytes
+from gpt2_jax.io import atomic_write_bytes
 
 CHECKSUM_FILE = "gpt2_jax.checksums.json"
 BLOCK = 1 << 22

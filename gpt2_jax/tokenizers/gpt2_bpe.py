@@ -21,9 +21,9 @@ from pathlib import Path
 import tiktoken
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.files import atomic_write_bytes
-from gpt2_jax.sentencepiece_tokenizer import SENTENCEPIECE_FILE, SentencePieceTokenizer
-from gpt2_jax.tokenizer_base import EOT, Tokenizer, id_list, model_dir, read_bytes
+from gpt2_jax.io import atomic_write_bytes
+from gpt2_jax.tokenizers.base import EOT, Tokenizer, id_list, model_dir, read_bytes
+from gpt2_jax.tokenizers.sentencepiece import SENTENCEPIECE_FILE, SentencePieceTokenizer
 
 __all__ = [
     "EOT", "PACKAGED_GPT2_DIR", "GPT2Tokenizer", "SentencePieceTokenizer", "Tokenizer", "gpt2_tokenizer",

@@ -22,13 +22,13 @@ from typing import Any, NamedTuple
 
 import jax
 
-from gpt2_jax import native_format, openai_format, safetensors_io
 from gpt2_jax.config import DTYPES, PRESETS, GPT2Config, get_config, preset_names
 from gpt2_jax.errors import UserError
-from gpt2_jax.hf_format import params_from_hf_state_dict
-from gpt2_jax.model import init_params
-from gpt2_jax.tf_checkpoint import TFCheckpoint, checkpoint_prefix
-from gpt2_jax.tokenizer import load_tokenizer
+from gpt2_jax.model.transformer import init_params
+from gpt2_jax.tokenizers.gpt2_bpe import load_tokenizer
+from gpt2_jax.weights import native, openai, safetensors_io
+from gpt2_jax.weights.huggingface import params_from_hf_state_dict
+from gpt2_jax.weights.tf_bundle import TFCheckpoint, checkpoint_prefix
 
 RELEASED_SIZES = ("124M", "355M", "774M", "1558M")
 
@@ -37,7 +37,7 @@ RELEASED_SIZES = ("124M", "355M", "774M", "1558M")
 class LoadedModel:
     config: GPT2Config  # architecture; dtype is the compute dtype asked for (params stay float32)
     params: dict  # our params pytree, float32 numpy or jax arrays
-    tokenizer: Any  # gpt2_jax.tokenizer.load_tokenizer(...) result
+    tokenizer: Any  # gpt2_jax.tokenizers.gpt2_bpe.load_tokenizer(...) result
     source: str  # human-readable origin, e.g. "OpenAI checkpoint models/124M"
     ignored: tuple[str, ...] = ()  # names of tensors in the checkpoint that are not model weights
 
@@ -77,11 +77,11 @@ def detect_format(path: Path) -> str:
     if not path.is_dir():
         names = ", ".join(preset_names())
         raise UserError(f"No model at {path}: no such file or directory, and not a preset name ({names}).")
-    if native_format.is_native_model(path):
+    if native.is_native_model(path):
         return "native"
-    if native_format.is_run_directory(path):
+    if native.is_run_directory(path):
         return "run"
-    if (path / "params").is_dir() and native_format.is_run_directory(path.parent.parent):
+    if (path / "params").is_dir() and native.is_run_directory(path.parent.parent):
         return "step"
     if (path / "checkpoint").is_file() or any(path.glob("*.index")):
         return "openai"
@@ -116,12 +116,12 @@ def _read_openai(path: Path, verify_crc: bool | None) -> Weights:
     if hparams.is_file():
         config = GPT2Config.from_hparams_file(hparams)
     else:
-        sizes = openai_format.inferred_sizes({n: e.shape for n, e in ckpt.entries.items()})
+        sizes = openai.inferred_sizes({n: e.shape for n, e in ckpt.entries.items()})
         if sizes is None:
             raise UserError(f"{prefix} holds no GPT-2 weights (no model/wte); is it a GPT-2 checkpoint?")
         config = _released_config(sizes, prefix.parent, "hparams.json")
-    ignored = openai_format.check_tf_checkpoint(ckpt, config)
-    params = openai_format.params_from_tf_checkpoint(ckpt, config, verify_crc=verify_crc)
+    ignored = openai.check_tf_checkpoint(ckpt, config)
+    params = openai.params_from_tf_checkpoint(ckpt, config, verify_crc=verify_crc)
     kind = "OpenAI checkpoint" if prefix.name == "model.ckpt" and not ignored else "TensorFlow checkpoint"
     where = prefix if prefix.name != "model.ckpt" else prefix.parent
     return Weights(config, params, f"{kind} {where}", ignored, prefix.parent)
@@ -144,17 +144,17 @@ def _read_hf(path: Path) -> Weights:
 
 def _read_run(path: Path, fmt: str) -> Weights:
     run_dir = path.parent.parent if fmt == "step" else path
-    config = native_format.read_model_json(run_dir)
-    steps = [path] if fmt == "step" else native_format.checkpoint_steps(run_dir)
+    config = native.read_model_json(run_dir)
+    steps = [path] if fmt == "step" else native.checkpoint_steps(run_dir)
     if not steps:
         raise UserError(f"Training run {run_dir} has no complete checkpoint yet; train it or pick another model.")
     for step_dir in steps[:-1]:
         try:
-            params = native_format.load_params(step_dir / "params", config)
+            params = native.load_params(step_dir / "params", config)
             return Weights(config, params, f"training run {run_dir} at step {int(step_dir.name)}", [], run_dir)
         except UserError as e:
             note(f"skipping checkpoint {step_dir}: {e}")
-    params = native_format.load_params(steps[-1] / "params", config)
+    params = native.load_params(steps[-1] / "params", config)
     return Weights(config, params, f"training run {run_dir} at step {int(steps[-1].name)}", [], run_dir)
 
 
@@ -167,8 +167,8 @@ def read_weights(path: str | os.PathLike, *, verify_crc: bool | None = None) -> 
     if fmt == "hf":
         return _read_hf(path)
     if fmt == "native":
-        config = native_format.read_model_json(path)
-        return Weights(config, native_format.load_params(path / "params", config), f"gpt2-jax model {path}", [], path)
+        config = native.read_model_json(path)
+        return Weights(config, native.load_params(path / "params", config), f"gpt2-jax model {path}", [], path)
     return _read_run(path, fmt)
 
 
@@ -177,7 +177,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a model from a path of any supported format, or build a preset (`tiny`, `124M`, ...) with random weights.
 
-    dtype: compute dtype (default `default_compute_dtype()`); verify_crc: see `openai_format.params_from_tf_checkpoint`.
+    dtype: compute dtype (default `default_compute_dtype()`); verify_crc: see `openai.params_from_tf_checkpoint`.
     """
     dtype = dtype or default_compute_dtype()
     if dtype not in DTYPES:  # before reading gigabytes of weights
@@ -190,7 +190,7 @@ def load_model(
         return LoadedModel(config, params, load_tokenizer(None), f"preset {spec} (random weights, seed {seed})")
     weights = read_weights(spec, verify_crc=verify_crc)
     if weights.ignored:
-        note(f"{weights.source}: {openai_format.describe_ignored(weights.ignored)}")
+        note(f"{weights.source}: {openai.describe_ignored(weights.ignored)}")
     config = weights.config.replace(dtype=dtype)
     tokenizer = load_tokenizer(weights.tokenizer_dir)
     return LoadedModel(config, weights.params, tokenizer, weights.source, tuple(weights.ignored))

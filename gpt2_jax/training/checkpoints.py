@@ -22,9 +22,9 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
-from gpt2_jax.checksums import verify_checksums, write_checksums
 from gpt2_jax.errors import UserError
-from gpt2_jax.orbax_quiet import quiet_orbax_failures
+from gpt2_jax.io import quiet_orbax_failures
+from gpt2_jax.weights.checksums import verify_checksums, write_checksums
 
 ITEMS = ("params", "opt_state", "meta")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UserError
-from gpt2_jax.files import atomic_write_bytes
-from gpt2_jax.tf_checkpoint import TFCheckpoint, write_checkpoint
+from gpt2_jax.io import atomic_write_bytes
+from gpt2_jax.weights.tf_bundle import TFCheckpoint, write_checkpoint
 
 # Our per-layer param path -> the TF variable under `model/h{i}/`.
 LAYER_VARS: dict[tuple[str, ...], str] = {

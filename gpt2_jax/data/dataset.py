@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax import data_files, token_cache
-from gpt2_jax.data_files import TOKEN_EXTENSIONS, DatasetFiles, Piece, find_dataset_files
+from gpt2_jax.data import cache as token_cache
+from gpt2_jax.data import files as data_files
+from gpt2_jax.data.files import TOKEN_EXTENSIONS, DatasetFiles, Piece, find_dataset_files
 from gpt2_jax.errors import UsageError, UserError
 
 if TYPE_CHECKING:
-    from gpt2_jax.tokenizer import Tokenizer
+    from gpt2_jax.tokenizers.gpt2_bpe import Tokenizer
 
 READER_VERSION = "data-v1"  # bump when reading or joining changes, so old caches are not reused
 GROUP_CHARS: int | None = None  # text per encode_batch call (one progress update); None: two pieces per thread

@@ -22,8 +22,8 @@ from safetensors.numpy import save_file
 
 from gpt2_jax.config import GPT2Config, naming_the_file
 from gpt2_jax.errors import UserError
-from gpt2_jax.files import atomic_write_bytes
-from gpt2_jax.hf_format import params_to_hf_state_dict
+from gpt2_jax.io import atomic_write_bytes
+from gpt2_jax.weights.huggingface import params_to_hf_state_dict
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -28,13 +28,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax.batches import BatchSampler, eval_windows
-from gpt2_jax.distributed import global_batch, host_copy, is_primary, local_rows
+from gpt2_jax.data.batches import BatchSampler, eval_windows
 from gpt2_jax.errors import UserError
-from gpt2_jax.flops import flops_per_token, measure_matmul_flops
-from gpt2_jax.run_dir import format_samples, print_utf8
-from gpt2_jax.train_setup import Session, prepare
-from gpt2_jax.train_step import all_finite
+from gpt2_jax.model.flops import flops_per_token, measure_matmul_flops
+from gpt2_jax.training.distributed import global_batch, host_copy, is_primary, local_rows
+from gpt2_jax.training.run_dir import format_samples, print_utf8
+from gpt2_jax.training.setup import Session, prepare
+from gpt2_jax.training.step import all_finite
 
 PLOT_INTERVAL_S = 30.0
 # A uniform guess scores ln(n_vocab) (10.8 nats for GPT-2); a loss far above any model's is a run blowing up.
@@ -215,7 +215,7 @@ class Loop:
         s, cfg = self.s, self.s.cfg
         if cfg.sample_num < 1:
             return
-        from gpt2_jax.generate import generate_text  # imported late: a run without samples never needs it
+        from gpt2_jax.sampling.generate import generate_text  # imported late: a run without samples never needs it
 
         seed = int(np.asarray(jax.device_get(s.state.rng)).ravel()[-1]) + self.step
         params = s.state.params

@@ -24,22 +24,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from gpt2_jax import data_files, native_format
-from gpt2_jax.checkpoints import Checkpoints, complete_steps, half_written, resolve_checkpoint_path
 from gpt2_jax.config import GPT2Config, count_params, get_config
-from gpt2_jax.data import TokenDataset, load_dataset
-from gpt2_jax.distributed import barrier, is_primary
+from gpt2_jax.data import files as data_files
+from gpt2_jax.data.dataset import TokenDataset, load_dataset
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.flops import peak_flops
-from gpt2_jax.loading import default_compute_dtype, load_model
-from gpt2_jax.model import abstract_params, init_params
-from gpt2_jax.optim import learning_rate_schedule, make_optimizer
-from gpt2_jax.run_dir import RunDir
-from gpt2_jax.sentencepiece_tokenizer import train_sentencepiece
-from gpt2_jax.sharding import bytes_per_device, choose_strategy, gib, tree_shardings
-from gpt2_jax.tokenizer import gpt2_tokenizer, load_tokenizer
-from gpt2_jax.train_config import DEMO_ACCELERATOR, DEMO_CPU, SCRATCH_PREFIX, TrainConfig, is_scratch, resolve
-from gpt2_jax.train_step import (
+from gpt2_jax.model.flops import peak_flops
+from gpt2_jax.model.transformer import abstract_params, init_params
+from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer, load_tokenizer
+from gpt2_jax.tokenizers.sentencepiece import train_sentencepiece
+from gpt2_jax.training.checkpoints import Checkpoints, complete_steps, half_written, resolve_checkpoint_path
+from gpt2_jax.training.config import DEMO_ACCELERATOR, DEMO_CPU, SCRATCH_PREFIX, TrainConfig, is_scratch, resolve
+from gpt2_jax.training.distributed import barrier, is_primary
+from gpt2_jax.training.mesh import bytes_per_device, choose_strategy, gib, tree_shardings
+from gpt2_jax.training.optim import learning_rate_schedule, make_optimizer
+from gpt2_jax.training.run_dir import RunDir
+from gpt2_jax.training.step import (
     TrainState,
     build_eval_step,
     build_train_step,
@@ -48,6 +47,8 @@ from gpt2_jax.train_step import (
     make_mesh,
     select_devices,
 )
+from gpt2_jax.weights import native
+from gpt2_jax.weights.loading import default_compute_dtype, load_model
 
 PRETRAINED_CANDIDATES = ("models/124M-jax", "models/124M", "models/gpt2")  # converted first: it loads fastest
 MODEL_MARKERS = ("gpt2_jax.json", "model.ckpt.index", "model.safetensors", "checkpoint")
@@ -222,7 +223,7 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
         model_config, params, tokenizer, description = build_fresh_model(cfg, dtype, dataset_path)
     else:
         model_dir = source_dir.parent
-        model_config = native_format.read_model_json(model_dir)
+        model_config = native.read_model_json(model_dir)
         tokenizer, params, description = load_tokenizer(model_dir), None, f"{model_dir.name}, continued"
     # How the model computes (none of it changes the params): compute dtype, remat, layers unrolled per scan step.
     unroll = min(cfg.scan_unroll or default_scan_unroll(model_config), model_config.n_layer)

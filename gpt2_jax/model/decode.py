@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.model import float32_accumulating_dtype, gelu
+from gpt2_jax.model.transformer import float32_accumulating_dtype, gelu
 
 Array = jax.Array
 LINEARS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))

@@ -21,8 +21,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from gpt2_jax.crc32c import masked_crc32c
 from gpt2_jax.errors import UserError
+from gpt2_jax.weights.crc32c import masked_crc32c
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48

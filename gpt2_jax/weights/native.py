@@ -28,12 +28,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gpt2_jax.checksums import verify_checksums, write_checksums
 from gpt2_jax.config import GPT2Config, naming_the_file
 from gpt2_jax.errors import UserError
-from gpt2_jax.files import atomic_write_bytes
-from gpt2_jax.model import abstract_params
-from gpt2_jax.orbax_quiet import quiet_orbax_failures
+from gpt2_jax.io import atomic_write_bytes, quiet_orbax_failures
+from gpt2_jax.model.transformer import abstract_params
+from gpt2_jax.weights.checksums import verify_checksums, write_checksums
 
 CONFIG_FILE = "gpt2_jax.json"
 FORMAT, VERSION = "gpt2-jax", 1

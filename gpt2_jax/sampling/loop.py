@@ -1,0 +1,128 @@
+"""The jitted decode loop on the device, over `model/decode.py`'s forward and KV cache.
+
+`prefill_and_sample` runs the (left-padded) prompt through the model in one pass and draws the first token;
+`decode_chunk` then runs up to a given number of single-token steps in one `lax.while_loop`, with the loop state
+donated, returning the chunk's tokens. A row stops at `<|endoftext|>`; the loop ends early once every row has.
+The host (`sampling/generate.py`) calls chunks back to back, so it can stream text and check stop strings between
+them without a round trip per token. Randomness is keyed per row and step
+(`fold_in(fold_in(seed, row_id), step)`), so a sample depends on its seed and row id, not on the batch it ran in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.model.decode import DecodeWeights, forward, init_kv
+from gpt2_jax.sampling.processors import SamplingConfig, next_token
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Everything one decode step needs; lives on the device and is donated from chunk to chunk."""
+
+    cache: dict[str, Any]  # decoder.forward's cache: per-layer k/v lists, valid, index, length
+    token_B: Array  # int32: the newest drawn token, not yet fed to the model
+    done_B: Array  # bool: the row drew <|endoftext|> (or the host stopped it); it now only repeats eot
+    seen_BV: Array | None  # bool: tokens in the context (only with a repetition penalty)
+    row_keys_B: Array  # one PRNG key per row, from the seed and the row id
+    step: Array  # int32 []: tokens drawn so far (the same for every row); keys fold it in
+
+
+def _step_keys(row_keys_B: Array, step: Array) -> Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, step)
+
+
+def _mark_seen(seen_BV: Array | None, tokens_BT: Array, mask_BT: Array | None = None) -> Array | None:
+    if seen_BV is None:
+        return None
+    rows_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[0])[:, None], tokens_BT.shape)
+    values = True if mask_BT is None else mask_BT
+    return seen_BV.at[rows_BT, tokens_BT].max(values)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "max_len"))
+def prefill_and_sample(
+    weights: DecodeWeights,
+    tokens_BT: Array,
+    mask_BT: Array,
+    row_ids_B: Array,
+    done_B: Array,
+    step: Array,
+    seed: Array,
+    eot_id: Array,
+    *,
+    config: GPT2Config,
+    sampling: SamplingConfig,
+    max_len: int,
+) -> tuple[DecodeState, Array]:
+    """Fill a fresh `max_len`-slot cache with left-padded prompts (`decoder.decode_weights` weights) and draw each
+    row's next token. Rows already `done_B` draw eot. Returns the loop state and the drawn tokens `[B]` (a separate
+    buffer, so the host can read them after the state has been donated)."""
+    B = tokens_BT.shape[0]
+    k, v = init_kv(config, B, max_len)
+    cache = {"k": k, "v": v, "valid": jnp.zeros((B, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+    logits_BV, cache = forward(weights, config, tokens_BT, mask_BT, dict(cache, length=jnp.zeros((B,), jnp.int32)))
+    row_keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids_B)
+    seen_BV = None
+    if sampling.repetition_penalty != 1:
+        seen_BV = _mark_seen(jnp.zeros((B, config.n_vocab), bool), tokens_BT, mask_BT)
+    token_B = next_token(logits_BV, _step_keys(row_keys_B, step), seen_BV, sampling)
+    token_B = jnp.where(done_B, eot_id, token_B)
+    seen_BV = _mark_seen(seen_BV, token_B[:, None])
+    state = DecodeState(cache, token_B, done_B | (token_B == eot_id), seen_BV, row_keys_B, step + 1)
+    return state, token_B.copy()
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("state",))
+def decode_chunk(
+    weights: DecodeWeights,
+    state: DecodeState,
+    max_steps: Array,
+    stop_B: Array,
+    eot_id: Array,
+    *,
+    config: GPT2Config,
+    sampling: SamplingConfig,
+) -> tuple[DecodeState, Array, Array]:
+    """Up to `max_steps` decode steps in one while_loop; fewer if every row is done or the cache is full.
+
+    stop_B: rows the host wants stopped (a stop string was seen). Returns the state, the drawn tokens `[B, S]`
+    (column i is step i; eot for finished rows; S the cache size, so no chunk length is compiled in) and how many
+    steps ran.
+    """
+    B, max_len = state.cache["valid"].shape
+    state = dataclasses.replace(state, done_B=state.done_B | stop_B)
+    new_mask_B1 = jnp.ones((B, 1), bool)
+
+    def running(carry: tuple[DecodeState, Array, Array]) -> Array:
+        state, _, i = carry
+        return (i < max_steps) & ~jnp.all(state.done_B) & (state.cache["index"] < max_len)
+
+    def step(carry: tuple[DecodeState, Array, Array]) -> tuple[DecodeState, Array, Array]:
+        state, out_BS, i = carry
+        logits_BV, cache = forward(weights, config, state.token_B[:, None], new_mask_B1, state.cache)
+        token_B = next_token(logits_BV, _step_keys(state.row_keys_B, state.step), state.seen_BV, sampling)
+        token_B = jnp.where(state.done_B, eot_id, token_B)
+        out_BS = jax.lax.dynamic_update_slice(out_BS, token_B[:, None], (0, i))
+        state = DecodeState(
+            cache,
+            token_B,
+            state.done_B | (token_B == eot_id),
+            _mark_seen(state.seen_BV, token_B[:, None]),
+            state.row_keys_B,
+            state.step + 1,
+        )
+        return state, out_BS, i + 1
+
+    out_BS = jnp.full((B, max_len), eot_id, jnp.int32)
+    state, out_BS, n_steps = jax.lax.while_loop(running, step, (state, out_BS, jnp.zeros((), jnp.int32)))
+    return state, out_BS, n_steps

@@ -1,0 +1,105 @@
+"""Logit processors: how the next token is chosen from a row's logits, as small pure functions of `[B, V]` arrays.
+
+Applied in this order (OpenAI's sample.py and Hugging Face agree on it): repetition penalty, banned ids, then either
+greedy argmax (temperature 0) or temperature, top-k, top-p (nucleus) and a draw. Top-k uses `lax.top_k`, so the
+nucleus is computed over the k survivors only and no per-token sort of the vocabulary happens unless top-k is off.
+Axis legend: B batch rows, V vocabulary, C top-k candidates (sorted, descending).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from gpt2_jax.errors import UsageError
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. Frozen and hashable: a static jit argument (a new setting compiles anew).
+
+    temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off; repetition_penalty > 1 makes tokens
+    already in the context less likely (CTRL's rule: positive logits divided, negative ones multiplied).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 40
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    banned_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UsageError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UsageError(f"--top_k must be a whole number >= 0 (0 turns it off), got {self.top_k}.")
+        if not (0 < self.top_p <= 1):
+            raise UsageError(f"--top_p must lie in (0, 1] (1 turns it off), got {self.top_p}.")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise UsageError(f"--repetition_penalty must be positive (1 turns it off), got {self.repetition_penalty}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits_BV: Array, seen_BV: Array, penalty: float) -> Array:
+    penalised_BV = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return jnp.where(seen_BV, penalised_BV, logits_BV)
+
+
+def ban_ids(logits_BV: Array, banned_ids: tuple[int, ...]) -> Array:
+    return logits_BV.at[:, jnp.asarray(banned_ids, jnp.int32)].set(-jnp.inf)
+
+
+def apply_temperature(logits: Array, temperature: float) -> Array:
+    return logits / temperature
+
+
+def top_k_candidates(logits_BV: Array, k: int) -> tuple[Array, Array]:
+    """The k largest logits per row, sorted descending, and their token ids (ties: lower id first)."""
+    return jax.lax.top_k(logits_BV, min(k, logits_BV.shape[-1]))
+
+
+def top_p_filter(sorted_logits_BC: Array, top_p: float) -> Array:
+    """Keep the smallest prefix of the (descending) candidates whose probability reaches top_p; -inf the rest.
+
+    The nucleus of Holtzman et al.: a candidate stays if the mass before it is below top_p, so the most likely
+    one always stays and the one that crosses top_p is included.
+    """
+    probs_BC = jax.nn.softmax(sorted_logits_BC, axis=-1)
+    mass_before_BC = jnp.cumsum(probs_BC, axis=-1) - probs_BC
+    return jnp.where(mass_before_BC < top_p, sorted_logits_BC, -jnp.inf)
+
+
+def draw(keys_B: Array, logits_BC: Array) -> Array:
+    """One index per row, drawn from softmax(logits) with that row's own key."""
+    return jax.vmap(jax.random.categorical)(keys_B, logits_BC)
+
+
+def next_token(logits_BV: Array, keys_B: Array, seen_BV: Array | None, sampling: SamplingConfig) -> Array:
+    """The next token id per row `[B]` (int32) from float32 logits, after every processor in order."""
+    if sampling.repetition_penalty != 1:
+        logits_BV = apply_repetition_penalty(logits_BV, seen_BV, sampling.repetition_penalty)
+    if sampling.banned_ids:
+        logits_BV = ban_ids(logits_BV, sampling.banned_ids)
+    if sampling.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    ids_BC = None
+    if sampling.top_k:
+        logits_BV, ids_BC = top_k_candidates(logits_BV, sampling.top_k)
+    elif sampling.top_p < 1:  # nucleus over the whole vocabulary needs it sorted
+        logits_BV, ids_BC = top_k_candidates(logits_BV, logits_BV.shape[-1])
+    # Temperature after top-k is the same as before it (a positive scale keeps the order) and touches k values only.
+    logits_BV = apply_temperature(logits_BV, sampling.temperature)
+    if sampling.top_p < 1:
+        logits_BV = top_p_filter(logits_BV, sampling.top_p)
+    choice_B = draw(keys_B, logits_BV)
+    if ids_BC is not None:
+        choice_B = jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0]
+    return choice_B.astype(jnp.int32)
