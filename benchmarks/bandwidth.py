@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_jax.config import GPT2Config, count_params
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.model.params import count_params
 
 
 def measure_copy_bandwidth(nbytes: int | None = None, repeats: int = 5, device: jax.Device | None = None) -> float:

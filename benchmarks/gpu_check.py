@@ -2,8 +2,9 @@
 
 Prints the device, measures the two ceilings that bound everything else (a large bf16 matmul, a device-to-device
 copy), and checks on a random GPT-2 124M that bf16 compute with cuDNN attention stays close to an fp32 reference
-(`precision='highest'`, XLA attention), that cuDNN and XLA attention agree in bf16, and that cached decoding equals
-one full forward pass on the device. Writes one JSON object to --json. Run by benchmarks/gpu.sh.
+(`precision='highest'`, XLA attention), that cuDNN and XLA attention agree in bf16, and that cached decoding as
+every sampler runs it (`model/decode.py`: prefill, then one token per step, in bf16) equals one full forward pass on
+the device. Writes one JSON object to --json. Run by benchmarks/gpu.sh.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bandwidth import measure_copy_bandwidth
-from gpt2_jax import decoding
 from gpt2_jax.config import get_config
+from gpt2_jax.model import decode
 from gpt2_jax.model.transformer import GPT2, init_params
 
 
@@ -77,19 +78,27 @@ def correctness(preset: str = "124M", batch: int = 4, seq: int = 1024) -> dict[s
     if "bf16_cudnn" in results:
         out["cudnn_vs_xla_bf16_rel_err"] = rel_err(results["bf16_cudnn"], results["bf16_xla"])
 
-    # Cached decode (prefill half, then one step per token) vs one full forward, both bf16 on the device.
-    cfg = variants["bf16_xla"]
+    # Cached decode vs one full forward, both bf16 on the device.
+    cached, first = cached_logits(params, variants["bf16_xla"], tokens)
+    out["cached_vs_full_bf16_rel_err"] = rel_err(cached, results["bf16_xla"][:, first : first + cached.shape[1]])
+    return out
+
+
+def cached_logits(params, cfg, tokens) -> tuple[jax.Array, int]:
+    """Logits `[B, t1 - t0 + 1, V]` of the sampler's cached forward from position t0 - 1 on, and t0 - 1: the first
+    t0 tokens prefilled, then one step per token up to t1, jitted as sampling/loop.py runs it (config static, cache
+    donated)."""
+    batch, seq = tokens.shape
     t0, t1 = min(64, seq // 2), min(128, seq)
-    cache = decoding.init_cache(cfg, batch, t1)
-    step = jax.jit(decoding.decode_step, static_argnums=1, donate_argnums=3)
-    logits, cache = jax.jit(decoding.prefill, static_argnums=1)(params, cfg, tokens[:, :t0], cache)
+    weights = decode.decode_weights(params, cfg)
+    forward = jax.jit(decode.forward, static_argnums=1, donate_argnums=4)
+    cache = decode.init_cache(cfg, batch, t1)
+    logits, cache = forward(weights, cfg, tokens[:, :t0], jnp.ones((batch, t0), bool), cache)
     pieces = [logits]
     for t in range(t0, t1):
-        step_logits, cache = step(params, cfg, tokens[:, t], cache)
-        pieces.append(step_logits[:, None])
-    cached = jnp.concatenate(pieces, axis=1)
-    out["cached_vs_full_bf16_rel_err"] = rel_err(cached, results["bf16_xla"][:, :t1])
-    return out
+        logits, cache = forward(weights, cfg, tokens[:, t : t + 1], jnp.ones((batch, 1), bool), cache)
+        pieces.append(logits)
+    return jnp.stack(pieces, axis=1), t0 - 1
 
 
 def main() -> None:

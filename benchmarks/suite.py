@@ -49,7 +49,8 @@ from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
 from gpt2_jax.model.decode import decode_weights
 from gpt2_jax.model.flops import flops_per_token, peak_flops
-from gpt2_jax.model.transformer import attention_implementation, init_params
+from gpt2_jax.model.ops import attention_implementation
+from gpt2_jax.model.transformer import init_params
 
 Log = Callable[[str], None]
 
@@ -149,7 +150,7 @@ def _resolve(sweep: Sweep, spec: dict[str, Any]) -> dict[str, Any]:
         if sweep.batch_per_device:
             spec["batch"] *= int(spec["devices"])
     if sweep.job != "train":
-        spec["attention"] = "-"  # not a choice when decoding: model.py picks the path for a cache
+        spec["attention"] = "-"  # not a choice when decoding: decode.py attends over its cache itself
         spec["scan_unroll"] = None
         return spec
     config = train_bench.model_config(spec["preset"], dtype=sweep.dtype, scan_unroll=spec["scan_unroll"])

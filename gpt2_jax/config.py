@@ -161,24 +161,6 @@ def naming_the_file(path: str | os.PathLike[str]) -> Iterator[None]:
         raise UserError(f"{path}: {e}", exit_code=e.exit_code) from None
 
 
-def count_params(config: GPT2Config) -> int:
-    """Exact parameter count (head tied to `wte`): 124,439,808 for GPT-2 124M."""
-    d, v, t, layers = config.n_embd, config.n_vocab, config.n_ctx, config.n_layer
-    per_layer = (
-        2 * d  # ln_1
-        + d * 3 * d
-        + 3 * d  # attn/c_attn
-        + d * d
-        + d  # attn/c_proj
-        + 2 * d  # ln_2
-        + d * 4 * d
-        + 4 * d  # mlp/c_fc
-        + 4 * d * d
-        + d  # mlp/c_proj
-    )
-    return v * d + t * d + layers * per_layer + 2 * d
-
-
 _GPT2 = dict(n_vocab=50257, n_ctx=1024)
 PRESETS: dict[str, GPT2Config] = {
     "124M": GPT2Config(**_GPT2, n_embd=768, n_head=12, n_layer=12),

@@ -1,8 +1,10 @@
-"""The decoding hooks: prefill + one-token steps over the KV cache equal one full forward pass.
+"""The cached forward every sampler runs (`model/decode.py`) against the training forward and Hugging Face.
 
-Every test feeds known continuations (teacher forcing) so logits can be compared position by position with the
-uncached model, which test_model.py ties to the PyTorch reference. All functions run jitted as the sampler runs
-them: the config static, the cache donated.
+Teacher forcing: a prompt is prefilled, then the rest of a known sequence is fed one token per step, and every
+step's logits (`decode.forward` returns the last position's) are compared with the full forward's logits at that
+position. `decode.forward` runs jitted as the sampler runs it: the config static, the cache donated. Covered:
+float32 parity at several prompt lengths, left-padded batches (each row decodes as it does alone), bfloat16 within
+its rounding, Hugging Face PyTorch at one step, one compilation per shape, and `init_cache`'s refusals.
 """
 
 from __future__ import annotations
@@ -15,29 +17,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import random_params
+from reference import hf_logits, hf_model_from_params, random_params
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.decoding import decode_step, init_cache, prefill
 from gpt2_jax.errors import UserError
+from gpt2_jax.model import decode
 from gpt2_jax.model.transformer import GPT2
 
 CFG = GPT2Config(n_vocab=97, n_ctx=32, n_embd=48, n_head=3, n_layer=3)  # 3 heads of 16, as in test_model.py
+BF16 = CFG.replace(dtype="bfloat16")
 MAX_LEN = CFG.n_ctx
 L = 20  # prompt + continuation length in every test, so one full-forward compilation serves them all
 PROMPT_LENGTHS = (1, 6, 13)
-ATOL = 1e-5
+ATOL = 1e-5  # float32 decode vs the float32 training forward (measured: at most 4e-6)
+HF_ATOL = 1e-4  # float32 vs PyTorch, as in test_model.py (measured: ~3e-6)
+# bfloat16 keeps 8 significant bits, so each rounding moves a value by up to u = 2^-8 of itself. Every layer rounds
+# the residual stream and the inputs of its four matmuls, the head rounds two more, and the errors accumulate over
+# the layers, partly cancelling in the sums. Measured on this model (5 seeds, prompts of 1, 6 and 13 tokens), in
+# units of u * max|logit|: the bf16 decode against the bf16 training forward (the same values rounded at the same
+# places; only the summation order differs) at most 2.5, against float32 at most 3.6 (the bf16 training forward
+# itself is up to 4.3 from float32). The bounds are about 1.6x those maxima. A real bug (a wrong position, mask or
+# scale) moves logits by order 1: about 40 u here.
+BF16_BOUND_U = {"bfloat16": 4.0, "float32": 6.0}
 
-DECODE_TRACES: collections.Counter = collections.Counter()  # (config, batch) -> times decode_jit traced it
+TRACES: collections.Counter = collections.Counter()  # (config, tokens shape) -> times forward_jit traced it
 
 
-def _counted_decode_step(params: Any, config: GPT2Config, token_B: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
-    DECODE_TRACES[config, token_B.shape[0]] += 1
-    return decode_step(params, config, token_B, cache)
+def _counted_forward(weights: Any, config: GPT2Config, tokens_BT: Any, mask_BT: Any, cache: Any) -> Any:
+    TRACES[config, tokens_BT.shape] += 1
+    return decode.forward(weights, config, tokens_BT, mask_BT, cache)
 
 
-prefill_jit = jax.jit(prefill, static_argnums=1)
-decode_jit = jax.jit(_counted_decode_step, static_argnums=1, donate_argnums=3)
+forward_jit = jax.jit(_counted_forward, static_argnums=1, donate_argnums=4)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -50,6 +61,11 @@ def params() -> Any:
     return random_params(CFG, seed=4)
 
 
+@pytest.fixture(scope="module")
+def weights(params: Any) -> decode.DecodeWeights:
+    return decode.decode_weights(params, CFG)
+
+
 def sequences(batch: int, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, CFG.n_vocab, (batch, L)).astype(np.int32)
 
@@ -58,135 +74,134 @@ def max_abs_diff(a: Any, b: Any) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
-def decode_teacher_forced(params: Any, cache: Any, next_tokens_BS: np.ndarray) -> tuple[np.ndarray, Any]:
-    """Feed each column of `next_tokens_BS` through decode_step; logits `[B, S, V]` of every step."""
-    steps = []
-    for s in range(next_tokens_BS.shape[1]):
-        logits_BV, cache = decode_jit(params, CFG, jnp.asarray(next_tokens_BS[:, s]), cache)
+def left_pad(rows: np.ndarray, lengths: tuple[int, ...], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first `lengths[i]` tokens, left-padded with `pad_id` to the longest, and the mask (True = real)."""
+    T = max(lengths)
+    tokens_BT = np.full((len(lengths), T), pad_id, np.int32)
+    mask_BT = np.zeros((len(lengths), T), bool)
+    for i, n in enumerate(lengths):
+        tokens_BT[i, T - n :], mask_BT[i, T - n :] = rows[i, :n], True
+    return tokens_BT, mask_BT
+
+
+def decode_teacher_forced(
+    weights: Any, config: GPT2Config, tokens_BT: np.ndarray, mask_BT: np.ndarray, next_BS: np.ndarray
+) -> tuple[np.ndarray, Any]:
+    """Prefill `tokens_BT`, then feed `next_BS` a column per step: logits `[B, 1 + S, V]` (prefill, then steps)."""
+    cache = decode.init_cache(config, tokens_BT.shape[0], MAX_LEN)
+    logits_BV, cache = forward_jit(weights, config, jnp.asarray(tokens_BT), jnp.asarray(mask_BT), cache)
+    steps = [np.asarray(logits_BV)]
+    for s in range(next_BS.shape[1]):
+        column_B1 = jnp.asarray(next_BS[:, s : s + 1])
+        logits_BV, cache = forward_jit(weights, config, column_B1, jnp.ones(column_B1.shape, bool), cache)
         steps.append(np.asarray(logits_BV))
     return np.stack(steps, axis=1), cache
 
 
-def decode_alone(params: Any, row: np.ndarray, prompt_len: int) -> np.ndarray:
-    """Logits `[L, V]` of one unpadded row: its prompt prefilled, the rest of it decoded a token at a time."""
-    cache = init_cache(CFG, 1, MAX_LEN)
-    prompt_logits, cache = prefill_jit(params, CFG, jnp.asarray(row[None, :prompt_len]), cache)
-    step_logits, _ = decode_teacher_forced(params, cache, row[None, prompt_len:])
-    return np.concatenate([np.asarray(prompt_logits), step_logits], axis=1)[0]
+def decode_alone(weights: Any, config: GPT2Config, row: np.ndarray, prompt_len: int) -> np.ndarray:
+    """Logits `[L - prompt_len + 1, V]` of positions prompt_len - 1 .. L - 1 of one unpadded row."""
+    prompt_1T = row[None, :prompt_len]
+    logits, _ = decode_teacher_forced(weights, config, prompt_1T, np.ones_like(prompt_1T, bool), row[None, prompt_len:])
+    return logits[0]
 
 
 @pytest.mark.parametrize("prompt_len", PROMPT_LENGTHS)
-def test_prefill_then_decode_equals_full_forward(params: Any, prompt_len: int) -> None:
+def test_prefill_then_steps_match_the_training_forward(params: Any, weights: Any, prompt_len: int) -> None:
     row = sequences(1, seed=prompt_len)[0]
     full = np.asarray(full_forward(CFG, params, row[None]))[0]
-    cached = decode_alone(params, row, prompt_len)
-    assert cached.shape == full.shape == (L, CFG.n_vocab)
-    assert max_abs_diff(cached, full) <= ATOL
+    cached = decode_alone(weights, CFG, row, prompt_len)
+    assert cached.shape == (L - prompt_len + 1, CFG.n_vocab) and cached.dtype == np.float32
+    assert max_abs_diff(cached, full[prompt_len - 1 :]) <= ATOL
 
 
-def pad_prompts(rows: np.ndarray, lengths: tuple[int, ...], side: str) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's first `lengths[i]` tokens, padded to the longest on `side` (pad id 0), and the mask."""
-    T = max(lengths)
-    tokens_BT = np.zeros((len(lengths), T), np.int32)
-    mask_BT = np.zeros((len(lengths), T), bool)
-    for i, n in enumerate(lengths):
-        sl = slice(T - n, T) if side == "left" else slice(0, n)
-        tokens_BT[i, sl], mask_BT[i, sl] = rows[i, :n], True
-    return tokens_BT, mask_BT
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_decodes_as_each_prompt_alone(params: Any, side: str) -> None:
+def test_left_padded_batch_decodes_each_row_as_alone(params: Any, weights: Any) -> None:
     """Prompts of different lengths in one batch; then every row continues with its own tokens."""
     rows = sequences(len(PROMPT_LENGTHS), seed=7)
-    tokens_BT, mask_BT = pad_prompts(rows, PROMPT_LENGTHS, side)
-    cache = init_cache(CFG, len(rows), MAX_LEN)
-    prompt_logits, cache = prefill_jit(params, CFG, jnp.asarray(tokens_BT), cache, jnp.asarray(mask_BT))
-    # The cache records what prefill wrote: the shared index, real tokens per row, which slots hold them.
-    T = tokens_BT.shape[1]
-    assert int(cache["index"]) == T
-    assert np.asarray(cache["length"]).tolist() == list(PROMPT_LENGTHS)
-    assert np.array_equal(np.asarray(cache["valid"]), np.pad(mask_BT, ((0, 0), (0, MAX_LEN - T))))
-    assert not np.asarray(cache["k"])[:, :, T:].any() and np.asarray(cache["k"])[:, :, :T].any()
-    # Row i's next real token after its prompt; all rows step together from here on.
+    tokens_BT, mask_BT = left_pad(rows, PROMPT_LENGTHS, pad_id=5)
     n_steps = L - max(PROMPT_LENGTHS)
     next_BS = np.stack([rows[i, n : n + n_steps] for i, n in enumerate(PROMPT_LENGTHS)])
-    step_logits, cache = decode_teacher_forced(params, cache, next_BS)
+    batched, cache = decode_teacher_forced(weights, CFG, tokens_BT, mask_BT, next_BS)
+    # The cache records what was written: the shared index, real tokens per row, which slots hold them.
+    T = tokens_BT.shape[1]
     assert int(cache["index"]) == T + n_steps
     assert np.asarray(cache["length"]).tolist() == [n + n_steps for n in PROMPT_LENGTHS]
+    valid_BS = np.zeros((len(rows), MAX_LEN), bool)
+    valid_BS[:, :T], valid_BS[:, T : T + n_steps] = mask_BT, True
+    assert np.array_equal(np.asarray(cache["valid"]), valid_BS)
     for i, n in enumerate(PROMPT_LENGTHS):
-        alone = decode_alone(params, rows[i], n)
-        assert max_abs_diff(np.asarray(prompt_logits)[i][mask_BT[i]], alone[:n]) <= ATOL
-        assert max_abs_diff(step_logits[i], alone[n : n + n_steps]) <= ATOL
+        alone = decode_alone(weights, CFG, rows[i], n)[: n_steps + 1]
+        full = np.asarray(full_forward(CFG, params, rows[i][None]))[0, n - 1 : n + n_steps]
+        assert max_abs_diff(batched[i], alone) <= ATOL
+        assert max_abs_diff(batched[i], full) <= ATOL
 
 
-def test_cache_shapes_and_dtypes(params: Any) -> None:
-    cache = init_cache(CFG, 2, 16)
-    kv = (CFG.n_layer, 2, 16, CFG.n_head, CFG.head_dim)
-    spec = {k: (v.shape, v.dtype) for k, v in cache.items()}
+def test_bfloat16_decode_within_bf16_rounding(params: Any) -> None:
+    """Weights, activations and cache in bfloat16, logits float32: within BF16_BOUND_U roundings of each forward."""
+    weights = decode.decode_weights(params, BF16)
+    rows = sequences(len(PROMPT_LENGTHS), seed=12)
+    worst = {"bfloat16": 0.0, "float32": 0.0}
+    for row, n in zip(rows, PROMPT_LENGTHS):
+        cached = decode_alone(weights, BF16, row, n)
+        assert cached.dtype == np.float32
+        for name, config in (("bfloat16", BF16), ("float32", CFG)):
+            full = np.asarray(full_forward(config, params, row[None]))[0, n - 1 :]
+            u_max = 2.0**-8 * float(np.abs(full).max())
+            worst[name] = max(worst[name], max_abs_diff(cached, full) / u_max)
+    assert all(0.0 < worst[name] <= BF16_BOUND_U[name] for name in worst), worst
+
+
+def test_cached_logits_match_hugging_face_at_one_step(params: Any, weights: Any) -> None:
+    """A left-padded prefill and one step against PyTorch GPT-2 on the padded sequence with its mask."""
+    rows = sequences(2, seed=13)
+    tokens_BT, mask_BT = left_pad(rows, (4, 9), pad_id=3)
+    next_B1 = np.stack([rows[0, 4:5], rows[1, 9:10]])
+    cached, _ = decode_teacher_forced(weights, CFG, tokens_BT, mask_BT, next_B1)
+    hf = hf_logits(
+        hf_model_from_params(params, CFG),
+        np.concatenate([tokens_BT, next_B1], axis=1),
+        np.concatenate([mask_BT, np.ones_like(next_B1, bool)], axis=1),
+    )
+    assert max_abs_diff(cached, hf[:, -2:]) <= HF_ATOL
+
+
+def test_jitted_steps_donate_the_cache_and_compile_once(weights: Any) -> None:
+    row = sequences(1, seed=11)[0]
+    prompt_1T = jnp.asarray(row[None, :6])
+    _, cache = forward_jit(weights, CFG, prompt_1T, jnp.ones((1, 6), bool), decode.init_cache(CFG, 1, MAX_LEN))
+    for t in range(6, L):
+        old = cache
+        _, cache = forward_jit(weights, CFG, jnp.asarray(row[None, t : t + 1]), jnp.ones((1, 1), bool), cache)
+        assert old["k"][0].is_deleted() and old["v"][-1].is_deleted()  # updated in place, not copied
+    # Every shape traced once, here and in every test before: the fixed-shape cache lets one compilation serve all.
+    assert TRACES[CFG, (1, 1)] == 1 and set(TRACES.values()) == {1}, TRACES
+
+
+def test_init_cache_layout_survives_prefill_and_steps(weights: Any) -> None:
+    cache = decode.init_cache(CFG, 2, 16)
+    kv = (2 * CFG.n_head, 16, CFG.head_dim)
+    spec = jax.tree.map(lambda a: (a.shape, a.dtype), cache)
     assert spec == {
-        "k": (kv, jnp.float32),
-        "v": (kv, jnp.float32),
+        "k": [(kv, jnp.float32)] * CFG.n_layer,
+        "v": [(kv, jnp.float32)] * CFG.n_layer,
         "valid": ((2, 16), jnp.bool_),
         "index": ((), jnp.int32),
         "length": ((2,), jnp.int32),
     }
     assert not np.asarray(cache["valid"]).any() and int(cache["index"]) == 0
-    # Prefill and decode keep every shape and dtype (a fixed-shape cache is what lets one compilation serve all).
-    mask_BT = jnp.asarray([[False, True, True], [True, True, True]])
-    prompt_BT = jnp.zeros((2, 3), jnp.int32)
-    logits, after_prefill = jax.eval_shape(lambda c: prefill(params, CFG, prompt_BT, c, mask_BT), cache)
-    assert logits.shape == (2, 3, CFG.n_vocab) and logits.dtype == jnp.float32
-    assert {k: (v.shape, v.dtype) for k, v in after_prefill.items()} == spec
-    logits, after_step = jax.eval_shape(lambda c: decode_step(params, CFG, jnp.zeros((2,), jnp.int32), c), cache)
-    assert logits.shape == (2, CFG.n_vocab) and logits.dtype == jnp.float32
-    assert {k: (v.shape, v.dtype) for k, v in after_step.items()} == spec
-
-
-def test_cache_dtype_follows_compute_dtype_unless_given() -> None:
-    bf16 = CFG.replace(dtype="bfloat16")
-    assert init_cache(bf16, 1, 4)["k"].dtype == jnp.bfloat16
-    assert init_cache(bf16, 1, 4, dtype=jnp.float32)["v"].dtype == jnp.float32
-    assert init_cache(CFG, 1, 4, dtype="bfloat16")["k"].dtype == jnp.bfloat16
+    for T in (3, 1):  # a prefill, then a step: every shape and dtype stays (one compilation per token shape)
+        tokens_BT, mask_BT = jnp.zeros((2, T), jnp.int32), jnp.ones((2, T), bool)
+        logits, after = jax.eval_shape(functools.partial(decode.forward, weights, CFG, tokens_BT, mask_BT), cache)
+        assert (logits.shape, logits.dtype) == ((2, CFG.n_vocab), jnp.float32)
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), after) == spec
+    assert decode.init_cache(BF16, 1, 4)["v"][0].dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("max_len", [CFG.n_ctx + 1, 0, -3])
 def test_init_cache_refuses_lengths_outside_the_context(max_len: int) -> None:
     with pytest.raises(UserError, match=rf"max_len={max_len} .*choose 1 to n_ctx=32"):
-        init_cache(CFG, 1, max_len)
+        decode.init_cache(CFG, 1, max_len)
 
 
 def test_init_cache_refuses_an_empty_batch() -> None:
     with pytest.raises(UserError, match="at least 1 row"):
-        init_cache(CFG, 0, 8)
-
-
-def test_prefill_refuses_a_prompt_longer_than_the_cache(params: Any) -> None:
-    with pytest.raises(UserError, match="A prompt of 9 tokens does not fit a decoding cache of 8 slots"):
-        prefill(params, CFG, jnp.zeros((1, 9), jnp.int32), init_cache(CFG, 1, 8))
-
-
-def test_jitted_decode_step_donates_its_cache_and_compiles_once(params: Any) -> None:
-    row = sequences(1, seed=11)[0]
-    _, cache = prefill_jit(params, CFG, jnp.asarray(row[None, :6]), init_cache(CFG, 1, MAX_LEN))
-    full = np.asarray(full_forward(CFG, params, row[None]))[0]
-    for t in range(6, L):
-        old = cache
-        logits, cache = decode_jit(params, CFG, jnp.asarray(row[None, t]), cache)
-        assert old["k"].is_deleted() and old["v"].is_deleted()  # updated in place, not copied
-        assert max_abs_diff(logits[0], full[t]) <= ATOL
-    assert DECODE_TRACES[CFG, 1] == 1  # every step (and every other test's batch-1 steps) reused one compilation
-
-
-def test_bfloat16_cache_decodes_close_to_float32(params: Any) -> None:
-    """The bf16 path (cache and compute in bf16): within bf16 rounding of the fp32 model, logits still fp32."""
-    bf16 = CFG.replace(dtype="bfloat16")
-    row = sequences(1, seed=12)[0]
-    cache = init_cache(bf16, 1, MAX_LEN)
-    _, cache = jax.jit(prefill, static_argnums=1)(params, bf16, jnp.asarray(row[None, :6]), cache)
-    step = jax.jit(decode_step, static_argnums=1, donate_argnums=3)
-    full = np.asarray(full_forward(CFG, params, row[None]))[0]
-    for t in range(6, 10):
-        logits, cache = step(params, bf16, jnp.asarray(row[None, t]), cache)
-        assert logits.dtype == jnp.float32 and cache["k"].dtype == jnp.bfloat16
-        assert max_abs_diff(logits[0], full[t]) <= 2e-2 * float(np.abs(full[t]).max())
+        decode.init_cache(CFG, 0, 8)

@@ -2,8 +2,8 @@
 
 Parity: logits at the full 124M shapes and at an odd tiny shape (3 heads of 16) within 1e-4 (fp32), the tiny
 safetensors fixture against its stored reference logits, loss and every gradient on the tiny shape. Invariances:
-causality (by gradients), scan == unrolled, remat == no remat, jit == eager, padding (left and right) invisible
-to real tokens, 16-bit compute close to fp32 with fp32 params and logits. Also GPT-2's initialisation.
+causality (by gradients), scan == unrolled, remat == no remat, jit == eager, 16-bit compute close to fp32 with
+fp32 params and logits. Also GPT-2's initialisation. Padded prompts are the cached forward's job: test_decoding.py.
 Random weights come from `reference.random_params` (nonzero biases, sharp attention) so no bug hides in a zero.
 """
 
@@ -22,7 +22,8 @@ from reference import hf_logits, hf_loss, hf_loss_and_grads, hf_model_from_param
 from safetensors.numpy import load_file
 
 from gpt2_jax.config import GPT2Config, get_config
-from gpt2_jax.model.transformer import GPT2, abstract_params, attention_implementation, init_params
+from gpt2_jax.model.ops import attention_implementation
+from gpt2_jax.model.transformer import GPT2, abstract_params, init_params
 from gpt2_jax.weights.huggingface import params_from_hf_state_dict
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
@@ -37,9 +38,9 @@ def tokens(config: GPT2Config, batch: int, length: int, seed: int = 0) -> np.nda
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def forward(config: GPT2Config, params: Any, tokens_BT: Any, attention_mask_BT: Any = None) -> jax.Array:
+def forward(config: GPT2Config, params: Any, tokens_BT: Any) -> jax.Array:
     """Jitted logits: one compilation per config and shape, shared by the tests below."""
-    return GPT2(config).apply({"params": params}, tokens_BT, attention_mask_BT=attention_mask_BT)
+    return GPT2(config).apply({"params": params}, tokens_BT)
 
 
 def next_token_loss(config: GPT2Config, params: Any, tokens_BT: Any) -> jax.Array:
@@ -160,13 +161,11 @@ def test_output_at_t_depends_only_on_positions_up_to_t(odd_params: Any) -> None:
     assert np.all(influence_TS[~future_TS] > 0.0)
 
 
-@pytest.mark.parametrize("with_mask", [False, True], ids=["fused-causal", "explicit-mask"])
-def test_output_at_t_unchanged_when_later_tokens_change(odd_params: Any, with_mask: bool) -> None:
-    mask = np.ones((B, T), bool) if with_mask else None
+def test_output_at_t_unchanged_when_later_tokens_change(odd_params: Any) -> None:
     a = tokens(ODD, B, T, seed=6)
     b = a.copy()
     b[:, 9:] = tokens(ODD, B, T - 9, seed=7)
-    la, lb = forward(ODD, odd_params, a, mask), forward(ODD, odd_params, b, mask)
+    la, lb = forward(ODD, odd_params, a), forward(ODD, odd_params, b)
     assert max_abs_diff(la[:, :9], lb[:, :9]) == 0.0
     assert max_abs_diff(la[:, 9:], lb[:, 9:]) > 1e-2
 
@@ -191,13 +190,11 @@ def test_remat_equals_no_remat(odd_params: Any) -> None:
     assert max(jax.tree.leaves(diffs)) <= 1e-5, diffs
 
 
-@pytest.mark.parametrize("with_mask", [False, True], ids=["fused-causal", "explicit-mask"])
-def test_jit_equals_eager(odd_params: Any, with_mask: bool) -> None:
+def test_jit_equals_eager(odd_params: Any) -> None:
     tokens_BT = jnp.asarray(tokens(ODD, B, T, seed=9))
-    mask = jnp.asarray(np.arange(T)[None, :] >= np.array([[0], [3]])) if with_mask else None  # row 1 left-padded
-    jitted = forward(ODD, odd_params, tokens_BT, mask)
+    jitted = forward(ODD, odd_params, tokens_BT)
     with jax.disable_jit():
-        eager = GPT2(ODD).apply({"params": odd_params}, tokens_BT, attention_mask_BT=mask)
+        eager = GPT2(ODD).apply({"params": odd_params}, tokens_BT)
     assert max_abs_diff(jitted, eager) <= 1e-5
 
 
@@ -207,41 +204,6 @@ def test_attention_implementation_choice() -> None:
         assert attention_implementation(ODD.replace(dtype="bfloat16")) == "xla"
     assert attention_implementation(ODD.replace(attention="cudnn")) == "cudnn"
     assert attention_implementation(ODD.replace(attention="xla", dtype="bfloat16")) == "xla"
-
-
-# --- Padding -----------------------------------------------------------------------------------------------------
-
-
-def pad(rows: list[np.ndarray], length: int, side: str, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Rows padded to `length` on `side` ('left' or 'right'), with the attention mask (True = real token)."""
-    tokens_BT = np.full((len(rows), length), pad_id, np.int32)
-    mask_BT = np.zeros((len(rows), length), bool)
-    for i, r in enumerate(rows):
-        sl = slice(length - len(r), length) if side == "left" else slice(0, len(r))
-        tokens_BT[i, sl], mask_BT[i, sl] = r, True
-    return tokens_BT, mask_BT
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_is_invisible_to_real_tokens(odd_params: Any, odd_hf: Any, side: str) -> None:
-    rows = [tokens(ODD, 1, n, seed=10 + n)[0] for n in (9, 23)]
-    tokens_BT, mask_BT = pad(rows, T, side, pad_id=5)
-    padded = np.asarray(forward(ODD, odd_params, tokens_BT, mask_BT))
-    assert np.all(np.isfinite(padded))
-    # Each row alone: right-padded without a mask is the unpadded row at its real positions (causality above).
-    alone = np.asarray(forward(ODD, odd_params, pad(rows, T, "right")[0]))
-    hf = hf_logits(odd_hf, tokens_BT, mask_BT)
-    for i, row in enumerate(rows):
-        assert max_abs_diff(padded[i][mask_BT[i]], alone[i, : len(row)]) <= 1e-5
-        assert max_abs_diff(padded[i][mask_BT[i]], hf[i][mask_BT[i]]) <= PARITY_ATOL
-
-
-def test_pad_token_value_does_not_matter(odd_params: Any) -> None:
-    rows = [tokens(ODD, 1, n, seed=20 + n)[0] for n in (4, 17)]
-    a_BT, mask_BT = pad(rows, T, "left", pad_id=0)
-    b_BT, _ = pad(rows, T, "left", pad_id=ODD.n_vocab - 1)
-    la, lb = np.asarray(forward(ODD, odd_params, a_BT, mask_BT)), np.asarray(forward(ODD, odd_params, b_BT, mask_BT))
-    assert max_abs_diff(la[mask_BT], lb[mask_BT]) == 0.0
 
 
 # --- Precision ---------------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from jax.tree_util import DictKey
 
-from gpt2_jax.config import count_params, get_config
+from gpt2_jax.config import get_config
 from gpt2_jax.errors import UserError
+from gpt2_jax.model.params import count_params
 from gpt2_jax.model.transformer import abstract_params
 from gpt2_jax.training.mesh import bytes_per_device, choose_strategy, leaf_spec, tree_shardings
 from gpt2_jax.training.optim import make_optimizer

@@ -13,7 +13,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from gpt2_jax.config import GPT2Config, count_params
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.model.params import count_params
 
 # Dense (no sparsity) peak FLOP/s by device kind substring, per dtype; datasheet SXM figures.
 KNOWN_PEAKS: dict[str, dict[str, float]] = {

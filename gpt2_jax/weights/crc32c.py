@@ -62,7 +62,7 @@ def crc32c(data: bytes | np.ndarray) -> int:
 
     A byte-at-a-time Python loop manages ~10 MB/s; the lanes turn each step into one vectorised table lookup,
     ~80 MB/s on a 2-core CPU. That is still seconds for a 124M checkpoint, so loaders verify small tensors only by
-    default and `convert` (a one-off job) verifies everything; see `openai_format.params_from_tf_checkpoint`.
+    default and `convert` (a one-off job) verifies everything; see `openai.params_from_tf_checkpoint`.
     """
     buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
     if buf.size < 1 << 18:

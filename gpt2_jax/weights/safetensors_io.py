@@ -1,9 +1,9 @@
 """Hugging Face safetensors weights: a model directory, a single file, or shards with an index; read and written
-with `safetensors.numpy` (no torch). The key layouts and the rename live in `hf_format.py`.
+with `safetensors.numpy` (no torch). The key layouts and the rename live in `huggingface.py`.
 
-Reading is lazy: the state dict handed to `hf_format` holds tensors that know their shape from the file header and
-read their bytes only when converted, so every shape is checked before anything is read and no more than one
-parameter kind is ever held twice. Pickled PyTorch files are refused, never unpickled: loading a pickle runs
+Reading is lazy: the state dict handed to `huggingface` holds tensors that know their shape from the file header and
+read their bytes only when converted, so every shape is checked before anything is read and the params are filled
+one tensor at a time. Pickled PyTorch files are refused, never unpickled: loading a pickle runs
 whatever code it carries.
 """
 

@@ -1,0 +1,139 @@
+"""GPT-2's arithmetic, written once for both forwards: `transformer.py` (training and evaluation, activations
+`[B, T, D]`, layers scanned) and `decode.py` (the only cached forward, feature-major activations `[D, M]`).
+
+Each forward owns its layout (where the feature axis lies, how weights and the cache are stored) and calls these
+functions with it. Precision is the same rule in both: params float32, matmuls in the compute dtype, and layer
+norms, attention logits and softmax, and output logits in float32 (`float32_accumulating_dtype`).
+
+- both forwards: `gelu`, `layer_norm` (the feature axis as a parameter), `float32_accumulating_dtype`.
+- attention: the training forward calls `jax.nn.dot_product_attention` (`attention_implementation` picks cuDNN's
+  fused kernel or XLA), whose XLA path computes what `attention` here does (float32 logits, scale, mask, float32
+  softmax, probabilities back in the compute dtype), with the dot precision JAX sets to keep a 16-bit backward
+  pass consistent (jax issue 24047). `decode.py` runs `attention` over its cache, masked by `cache_context`
+  (slots, per-row validity, positions).
+- the head: `tied_head` (vocabulary padding and a 16-bit backward for training); `decode.py` runs the same float32-
+  accumulating matmul feature-major, where neither padding nor a backward pass is wanted.
+
+Axis legend: B batch, T query positions, S key positions (cache slots), D n_embd, F MLP width (4 * D), N heads,
+K head dim, H = B*N (one attention problem per row and head), V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gpt2_jax.config import GPT2Config
+
+Array = jax.Array
+HEAD_VOCAB_MULTIPLE = 128  # 16-bit heads pad the vocabulary rows to this, for aligned tensor-core tiles
+
+
+def gelu(x: Array) -> Array:
+    """GPT-2's tanh-approximated GELU (Hugging Face's `gelu_new`)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def float32_accumulating_dtype(dtype: Any) -> Any:
+    """The dtype to feed a dot that accumulates in float32 (the attention logits, the head).
+
+    XLA:CPU has no float16 x float16 -> float32 dot, so float16 compute (meant for GPUs) runs those in float32 on a
+    CPU instead of failing; every other dtype and backend keeps the compute dtype.
+    """
+    if jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu":
+        return jnp.float32
+    return dtype
+
+
+def attention_implementation(config: GPT2Config) -> str:
+    """'cudnn' (fused flash attention) on GPU with a 16-bit compute dtype, else XLA's portable path."""
+    if config.attention != "auto":
+        return config.attention
+    if jax.default_backend() == "gpu" and config.dtype in ("bfloat16", "float16"):
+        return "cudnn"
+    return "xla"
+
+
+def layer_norm(x: Array, g: Array, b: Array, eps: float, dtype: Any, axis: int = -1) -> Array:
+    """GPT-2's layer norm over the feature `axis` of `x`, computed in float32, returned in `dtype`.
+
+    `g` and `b` are `[D]`; the training forward normalises the last axis of `[B, T, D]`, `decode.py` axis 0 of `[D, M]`.
+    """
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis, keepdims=True)
+    var = jnp.square(x32 - mean).mean(axis, keepdims=True)
+    along = [1] * x.ndim
+    along[axis] = x.shape[axis]
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * g.reshape(along) + b.reshape(along)).astype(dtype)
+
+
+def attention(q_HTK: Array, k_HSK: Array, v_HSK: Array, mask_HTS: Array) -> Array:
+    """Softmax attention of T queries over S keys where `mask_HTS` is True; logits and softmax in float32."""
+    dtype = float32_accumulating_dtype(q_HTK.dtype)
+    q_HTK, k_HSK, v_HSK = (a.astype(dtype) for a in (q_HTK, k_HSK, v_HSK))
+    logits_HTS = jnp.einsum("HTK,HSK->HTS", q_HTK, k_HSK, preferred_element_type=jnp.float32)
+    logits_HTS = jnp.where(mask_HTS, logits_HTS * q_HTK.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
+    probs_HTS = jax.nn.softmax(logits_HTS, axis=-1).astype(dtype)
+    return jnp.einsum("HTS,HSK->HTK", probs_HTS, v_HSK)
+
+
+def cache_context(mask_BT: Array, valid_BS: Array, index: Array, length_B: Array) -> dict[str, Array]:
+    """Where T new tokens (False in `mask_BT` on padding) go in a cache of S slots, and what each may see.
+
+    The tokens are written at the shared slot `index`; `valid_BS` marks the slots holding real tokens and
+    `length_B` counts each row's real tokens so far. Returns the attention mask `mask_BTS` (real, earlier-or-same
+    slots), the wpe rows `positions_BT` (counted over real tokens only, so left padding changes nothing), and the
+    cache's `valid_BS` and `length_B` after the write.
+    """
+    T, S = mask_BT.shape[1], valid_BS.shape[1]
+    valid_BS = jax.lax.dynamic_update_slice(valid_BS, mask_BT, (0, index))
+    slot_S, query_slot_T = jnp.arange(S), index + jnp.arange(T)
+    mask_BTS = (slot_S[None, :] <= query_slot_T[:, None])[None] & valid_BS[:, None, :]
+    # A padded query sees at least itself, so its (unused) softmax stays finite.
+    mask_BTS = mask_BTS | (slot_S[None, :] == query_slot_T[:, None])[None]
+    return {
+        "mask_BTS": mask_BTS,
+        "positions_BT": length_B[:, None] + jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0),
+        "valid_BS": valid_BS,
+        "length_B": length_B + mask_BT.sum(axis=1).astype(length_B.dtype),
+    }
+
+
+def tied_head(x_BTD: Array, wte: Array, dtype: Any) -> Array:
+    """Logits through the head tied to `wte`, accumulated and returned in float32 whatever the compute dtype.
+
+    In 16-bit compute the vocabulary is padded with zero rows to a multiple of 128 and sliced off again (50257 is
+    odd, and an odd leading dimension forces the GPU onto unaligned, slow matmul kernels), and the backward pass
+    runs in the compute dtype (`_head_16bit`). Padded logits never leave this function.
+    """
+    dtype = float32_accumulating_dtype(dtype)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum("BTD,VD->BTV", x_BTD.astype(dtype), wte.astype(dtype), preferred_element_type=jnp.float32)
+    n_vocab = wte.shape[0]
+    wte_VD = jnp.pad(wte.astype(dtype), ((0, -n_vocab % HEAD_VOCAB_MULTIPLE), (0, 0)))
+    return _head_16bit(x_BTD.astype(dtype), wte_VD)[..., :n_vocab]
+
+
+@jax.custom_vjp
+def _head_16bit(x_BTD: Array, wte_VD: Array) -> Array:
+    return jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD, preferred_element_type=jnp.float32)
+
+
+def _head_16bit_fwd(x_BTD: Array, wte_VD: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _head_16bit(x_BTD, wte_VD), (x_BTD, wte_VD)
+
+
+def _head_16bit_bwd(residuals: tuple[Array, Array], g_BTV: Array) -> tuple[Array, Array]:
+    # Without this rule JAX differentiates the float32-output matmul with a float32 cotangent, which runs both
+    # gradient matmuls (the largest in the model) in float32. Casting the cotangent down first is what mixed
+    # precision means everywhere else in the model; both matmuls still accumulate in float32.
+    x_BTD, wte_VD = residuals
+    g_BTV = g_BTV.astype(x_BTD.dtype)
+    dx_BTD = jnp.einsum("BTV,VD->BTD", g_BTV, wte_VD, preferred_element_type=jnp.float32).astype(x_BTD.dtype)
+    dwte_VD = jnp.einsum("BTV,BTD->VD", g_BTV, x_BTD, preferred_element_type=jnp.float32).astype(wte_VD.dtype)
+    return dx_BTD, dwte_VD
+
+
+_head_16bit.defvjp(_head_16bit_fwd, _head_16bit_bwd)
