@@ -1,6 +1,7 @@
 """`python sample.py` as users run it, in subprocesses: output formats, streaming, interactive mode, bad input.
 
-The commands start together (a module fixture) so their start-up and compile times overlap.
+The commands start together (a module fixture) so their start-up and compile times overlap. One of them runs as
+`python -m gpt2_jax.sample`, the command the root script hands over to.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from gpt2_jax import sample
+from gpt2_jax.cli import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import sample  # noqa: E402  (the script itself, for the in-process runs)
 
 TINY = ["--model", "tiny", "--seed", "7", "--length", "9"]
 HEADER = "=" * 40 + " SAMPLE {} " + "=" * 40
@@ -36,10 +38,10 @@ BAD_FLAGS = {
 IN_SUBPROCESS = ("top_p_above_one", "not_a_number")  # the rest run in-process: same code, no start-up cost
 
 
-def start(args: list[str]) -> subprocess.Popen:
+def start(args: list[str], command: tuple[str, ...] = (str(ROOT / "sample.py"),)) -> subprocess.Popen:
     env = dict(os.environ, PYTHONIOENCODING="ascii")  # sample.py must still write UTF-8
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "sample.py"), *args],
+        [sys.executable, *command, *args],
         cwd=ROOT,
         env=env,
         stdin=subprocess.PIPE,
@@ -54,9 +56,9 @@ def finish(proc: subprocess.Popen, stdin: bytes = b"") -> tuple[int, str, str]:
 
 
 def run_in_process(args: list[str], capsys) -> tuple[int, str, str]:
-    """sample.py's `main` under run_cli, as `python sample.py ARGS` runs it, with its exit code and output."""
+    """The command's `main` under run_cli, as `python sample.py ARGS` runs it, with its exit code and output."""
     with pytest.raises(SystemExit) as exit_info:
-        sample.run_cli(sample.main, args)
+        run_cli(sample.main, args)
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
 
@@ -68,7 +70,10 @@ def runs(tmp_path_factory):
     garbage.write_bytes(bytes(range(256)) * 3)  # invalid UTF-8, control bytes, NULs; far over tiny's 128 tokens
     procs = {
         "interactive": start([*TINY, "--interactive", "--nsamples", "2"]),
-        "garbage": start([*TINY, "--prompt_file", str(garbage), "--length", "20", "--top_k", "0", "--top_p", "0.9"]),
+        "garbage": start(
+            [*TINY, "--prompt_file", str(garbage), "--length", "20", "--top_k", "0", "--top_p", "0.9"],
+            command=("-m", "gpt2_jax.sample"),
+        ),
         **{name: start(BAD_FLAGS[name]) for name in IN_SUBPROCESS},
     }
     ctrl_c = start([*TINY, "--interactive"])  # left waiting at its prompt for its test

@@ -17,18 +17,13 @@ from reference import hf_model_from_params
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UsageError, UserError
+from gpt2_jax.model.decode import decode_weights
 from gpt2_jax.model.transformer import abstract_params
-from gpt2_jax.sampling.generate import (
-    STOP_EOT,
-    STOP_LENGTH,
-    STOP_STRING,
-    RowText,
-    generate_samples,
-    generate_text,
-    generate_tokens,
-)
+from gpt2_jax.sampling.generate import STOP_EOT, STOP_LENGTH, STOP_STRING, Request, generate_tokens
 from gpt2_jax.sampling.loop import decode_chunk, prefill_and_sample
 from gpt2_jax.sampling.processors import SamplingConfig, next_token
+from gpt2_jax.sampling.sampler import Sampler, generate_text
+from gpt2_jax.sampling.text import RowText
 from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer
 
 GREEDY = SamplingConfig(temperature=0)
@@ -51,6 +46,12 @@ def lively_params(config: GPT2Config, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(draw, abstract_params(config))
 
 
+def tokens(params, config: GPT2Config, prompts, *, length: int, sampling=GREEDY, seed=0, eot_id=NO_EOT, window=None):
+    """`generate_tokens` on `params`, laid out for decoding."""
+    request = Request(length, sampling, seed, eot_id, window=window)
+    return generate_tokens(decode_weights(params, config), config, prompts, request)
+
+
 @pytest.fixture(scope="module")
 def small():
     """An odd little GPT-2 (3 heads of 16) with a 97-token vocabulary, and its PyTorch twin."""
@@ -61,9 +62,10 @@ def small():
 
 @pytest.fixture(scope="module")
 def gpt2_vocab():
-    """GPT-2's real vocabulary on a tiny random model, for tests that need text."""
+    """GPT-2's real vocabulary on a tiny random model, for tests that need text: config, params and its sampler."""
     config = GPT2Config(n_vocab=50257, n_ctx=64, n_embd=32, n_head=2, n_layer=1)
-    return config, lively_params(config, 2), gpt2_tokenizer()
+    params, tokenizer = lively_params(config, 2), gpt2_tokenizer()
+    return config, params, Sampler(params, config, tokenizer)
 
 
 def hf_greedy(model, prompts: list[list[int]], length: int) -> list[list[int]]:
@@ -87,7 +89,7 @@ LENGTH = 24
 def greedy_rows(small):
     """Our greedy continuations of PROMPTS, decoded as one left-padded batch (rows run to LENGTH)."""
     config, params, _ = small
-    return generate_tokens(params, config, PROMPTS, length=LENGTH, sampling=GREEDY, seed=0, eot_id=NO_EOT)
+    return tokens(params, config, PROMPTS, length=LENGTH)
 
 
 def test_greedy_equals_hf_generate_batched_with_padding(small, greedy_rows):
@@ -102,7 +104,7 @@ def test_greedy_equals_hf_generate_batched_with_padding(small, greedy_rows):
 def test_top_k_1_equals_greedy(small, greedy_rows):
     config, params, _ = small
     top1 = SamplingConfig(top_k=1)
-    assert generate_tokens(params, config, PROMPTS, length=LENGTH, sampling=top1, seed=3, eot_id=NO_EOT) == greedy_rows
+    assert tokens(params, config, PROMPTS, length=LENGTH, sampling=top1, seed=3) == greedy_rows
 
 
 def reference_window_greedy(model, prompt: list[int], length: int, n_ctx: int, window: int) -> list[int]:
@@ -124,17 +126,17 @@ def test_sliding_window_equals_step_by_step_reference(small, capsys):
     params16 = dict(params, wpe=params["wpe"][:16])
     model16 = hf_model_from_params(params16, short)
     prompts = [[1, 2, 3, 4, 5], list(range(20))]  # the second is longer than the context
-    out = generate_tokens(params16, short, prompts, length=40, sampling=GREEDY, seed=0, eot_id=NO_EOT, window=6)
-    for prompt, (tokens, reason) in zip(prompts, out):
+    out = tokens(params16, short, prompts, length=40, window=6)
+    for prompt, (ids, reason) in zip(prompts, out):
         assert reason == STOP_LENGTH
-        assert tokens == reference_window_greedy(model16, prompt, 40, n_ctx=16, window=6)
+        assert ids == reference_window_greedy(model16, prompt, 40, n_ctx=16, window=6)
     assert "longer than the model's context" in capsys.readouterr().err
 
 
 def test_prompt_ids_outside_the_vocabulary_are_a_user_error(small):
     config, params, _ = small
     with pytest.raises(UserError, match="outside this model's vocabulary"):
-        generate_tokens(params, config, [[5, 500]], length=3, sampling=GREEDY, seed=0, eot_id=NO_EOT)
+        tokens(params, config, [[5, 500]], length=3)
 
 
 # --- processors --------------------------------------------------------------------------------------------------
@@ -208,17 +210,17 @@ def test_end_of_text_stops_only_its_row(small, greedy_rows):
     first = greedy_rows[1][0]
     cut = next(i for i in range(1, LENGTH) if first[i] not in first[:i])  # a token the row draws for the first time
     eot = first[cut]
-    out = generate_tokens(params, config, PROMPTS, length=LENGTH, sampling=GREEDY, seed=0, eot_id=eot)
+    out = tokens(params, config, PROMPTS, length=LENGTH, eot_id=eot)
     assert out[1] == (first[:cut], STOP_EOT)
-    for (tokens, _), got in zip(greedy_rows, out):
-        assert got == ((tokens[: tokens.index(eot)], STOP_EOT) if eot in tokens else (tokens, STOP_LENGTH))
+    for (ids, _), got in zip(greedy_rows, out):
+        assert got == ((ids[: ids.index(eot)], STOP_EOT) if eot in ids else (ids, STOP_LENGTH))
 
 
 def test_stop_strings_cut_text_and_tokens(gpt2_vocab):
-    config, params, tokenizer = gpt2_vocab
+    _, _, sampler = gpt2_vocab
 
     def second_sample(**kw):
-        return list(generate_samples(params, config, tokenizer, ["Once"], nsamples=2, length=30, seed=4, **kw))[1]
+        return list(sampler.samples(["Once"], nsamples=2, length=30, seed=4, **kw))[1]
 
     free = second_sample()
     stop = free.text[12:15]
@@ -227,11 +229,12 @@ def test_stop_strings_cut_text_and_tokens(gpt2_vocab):
     assert stopped.stop_reason == STOP_STRING
     assert stopped.text == free.text[:first]
     assert stopped.tokens == free.tokens[: len(stopped.tokens)]
-    assert len(tokenizer.decode(stopped.tokens[:-1])) < first <= len(tokenizer.decode(stopped.tokens))
+    decode = sampler.tokenizer.decode
+    assert len(decode(stopped.tokens[:-1])) < first <= len(decode(stopped.tokens))
 
 
 def test_row_text_holds_back_partial_characters_and_stop_prefixes(gpt2_vocab):
-    _, _, tokenizer = gpt2_vocab
+    tokenizer = gpt2_vocab[2].tokenizer
     ids = tokenizer.encode("ab 🙂 cdEND tail")
     text = RowText(tokenizer, ["END"])
     shown = ""
@@ -245,10 +248,10 @@ def test_row_text_holds_back_partial_characters_and_stop_prefixes(gpt2_vocab):
 
 
 def test_same_seed_same_samples_whatever_the_batching(gpt2_vocab):
-    config, params, tokenizer = gpt2_vocab
+    _, _, sampler = gpt2_vocab
 
     def texts(**kw):
-        return [s.text for s in generate_samples(params, config, tokenizer, ["A", ""], nsamples=2, length=12, **kw)]
+        return [s.text for s in sampler.samples(["A", ""], nsamples=2, length=12, **kw)]
 
     one_batch = texts(seed=5)
     assert texts(seed=5, batch_size=2) == one_batch
@@ -257,14 +260,10 @@ def test_same_seed_same_samples_whatever_the_batching(gpt2_vocab):
 
 
 def test_streamed_text_equals_the_final_text(gpt2_vocab):
-    config, params, tokenizer = gpt2_vocab
+    _, _, sampler = gpt2_vocab
     pieces: dict[int, list[str]] = {}
-    samples = list(
-        generate_samples(
-            params, config, tokenizer, ["Hi"], nsamples=3, batch_size=2, length=40, seed=1,
-            on_text=lambda j, t: pieces.setdefault(j, []).append(t),
-        )
-    )  # fmt: skip
+    on_text = lambda j, t: pieces.setdefault(j, []).append(t)
+    samples = list(sampler.samples(["Hi"], nsamples=3, batch_size=2, length=40, seed=1, on_text=on_text))
     assert sorted(pieces) == [0, 2]  # the first sample of each batch streams; the last batch has a spare row
     for j in (0, 2):
         assert "".join(pieces[j]) == samples[j].text
@@ -275,7 +274,7 @@ def test_prompt_lengths_in_one_bucket_share_the_compiled_functions(small, greedy
     config, params, _ = small
     before = prefill_and_sample._cache_size(), decode_chunk._cache_size()
     for n in (17, 25, 32):  # PROMPTS' longest (20) put them in the 32-token bucket too
-        generate_tokens(params, config, [[1] * n] * 4, length=LENGTH - 5, sampling=GREEDY, seed=0, eot_id=NO_EOT)
+        tokens(params, config, [[1] * n] * 4, length=LENGTH - 5)
     assert (prefill_and_sample._cache_size(), decode_chunk._cache_size()) == before
 
 
@@ -284,7 +283,7 @@ import json, sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.sampling.generate import generate_text
+from gpt2_jax import generate_text
 from gpt2_jax.model.transformer import abstract_params
 from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer
 config = GPT2Config(**json.loads(sys.argv[1]))
@@ -298,12 +297,12 @@ print(json.dumps([jax.device_count(), texts]))
 
 
 def test_same_seed_same_samples_on_one_device_or_several(gpt2_vocab, tmp_path):
-    config, params, tokenizer = gpt2_vocab
+    config, params, sampler = gpt2_vocab
     np.savez(tmp_path / "params.npz", *jax.tree.leaves(params))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-c", MULTI_DEVICE_SCRIPT, json.dumps(config.to_hparams()), str(tmp_path / "params.npz")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    here = generate_text(params, config, tokenizer, ["A", ""], nsamples_per_prompt=2, length=10, seed=9)
+    here = generate_text(params, config, sampler.tokenizer, ["A", ""], nsamples_per_prompt=2, length=10, seed=9)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert json.loads(out.splitlines()[-1]) == [4, here]

@@ -1,9 +1,10 @@
-"""Host side of generation: prompts to padded token rows, shape buckets, the chunk loop, stop strings, text.
+"""Host side of generation, in tokens: prompts to padded rows, shape buckets, the chunk loop, the sliding window.
 
-`generate_tokens` turns token prompts into continuations by calling the device functions of `sampling.py`: one
-prefill, then decode chunks back to back. Shapes are bucketed so that a new prompt length rarely compiles anew:
-prompts are left-padded to a power of two (at least 16 tokens), and the cache gets the padded prompt plus the new
-tokens rounded up to a multiple of 64 slots (not always n_ctx: every decode step attends over all slots).
+`generate_tokens` turns token prompts into continuations by calling the device functions of `loop.py`: one
+prefill, then decode chunks back to back. What every row of a call shares (length, sampling, seed, eot, window,
+chunk) travels as one `Request`. Shapes are bucketed so that a new prompt length rarely compiles anew: prompts are
+left-padded to a power of two (at least 16 tokens), and the cache gets the padded prompt plus the new tokens
+rounded up to a multiple of 64 slots (not always n_ctx: every decode step attends over all slots).
 
 Longer than the context: when prompt + length exceed n_ctx, the cache holds n_ctx slots and, once full, is
 refilled with the last `window` tokens of the context (default n_ctx // 2) and decoding goes on. Step by step, the
@@ -12,36 +13,46 @@ whenever the context would outgrow n_ctx tokens (a prompt longer than n_ctx firs
 Rows needing the window run with equal-length prompts and no padding, so the window moves exactly as it would for
 the row alone.
 
-`generate_samples` and `generate_text` add text: prompts encoded, stop strings cut (the stop string and all after
-it dropped), and the first row of each batch streamed to a callback as it decodes.
+Text (prompts encoded, stop strings, streaming) is `text.py`'s and `sampler.py`'s business; this module sees ids.
+Axis legend: B batch rows, T prompt positions, C new tokens of one device call, W window.
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from gpt2_jax.config import GPT2Config
+from gpt2_jax.console import warn
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.model.decode import DecodeWeights, decode_weights
-from gpt2_jax.sampling.loop import decode_chunk, prefill_and_sample
+from gpt2_jax.model.decode import DecodeWeights
+from gpt2_jax.sampling.loop import DecodeState, decode_chunk, prefill_and_sample
 from gpt2_jax.sampling.processors import SamplingConfig
 
 STOP_LENGTH, STOP_EOT, STOP_STRING = "length", "endoftext", "stop"
 MIN_PROMPT_BUCKET = 16
 CACHE_SLOT_MULTIPLE = 64
-STREAM_CHUNK = 16  # tokens per device call while streaming or watching for stop strings
 
 OnChunk = Callable[[dict[int, list[int]]], Iterable[int] | None]
 
 
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What every row of one `generate_tokens` call shares."""
+
+    length: int  # new tokens per row, at most
+    sampling: SamplingConfig
+    seed: int
+    eot_id: int  # <|endoftext|>: ends a row; also the padding id
+    window: int | None = None  # tokens kept when the context slides (default n_ctx // 2)
+    chunk: int | None = None  # decode steps per device call (default: as many as the cache holds)
+
+    def __post_init__(self) -> None:
+        if self.length <= 0:
+            raise UsageError(f"The number of tokens to generate must be at least 1, got {self.length}.")
 
 
 # --- shapes ------------------------------------------------------------------------------------------------------
@@ -65,31 +76,44 @@ def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np
     return tokens_BT, mask_BT
 
 
+def batch_shape(longest: int, length: int, n_ctx: int) -> tuple[int, int]:
+    """(padded prompt width, cache slots) for a batch: unpadded in a full cache when the window will slide."""
+    if longest + length - 1 > n_ctx:
+        return longest, n_ctx
+    width = prompt_bucket(longest, n_ctx - (length - 1))
+    return width, cache_slots(width + length - 1, n_ctx)
+
+
 # --- tokens in, tokens out -------------------------------------------------------------------------------------
 def generate_tokens(
-    params: Any,
+    weights: DecodeWeights,
     config: GPT2Config,
     prompts: Sequence[Sequence[int]],
+    request: Request,
     *,
-    length: int,
-    sampling: SamplingConfig,
-    seed: int,
-    eot_id: int,
     row_ids: Sequence[int] | None = None,
-    window: int | None = None,
-    chunk: int | None = None,
     on_chunk: OnChunk | None = None,
 ) -> list[tuple[list[int], str]]:
-    """Per prompt, (up to `length` new token ids, stop_reason 'endoftext' or 'length'); eot itself is dropped.
+    """Per prompt, (up to `request.length` new token ids, stop_reason 'endoftext' or 'length'); eot is dropped.
 
-    params: the model's params, or `decoder.decode_weights(params, config)` made once by a caller that generates
-        repeatedly (the conversion copies the weights).
-
+    weights: `model.decode.decode_weights(params, config)`, made once by the caller (`Sampler` does).
     row_ids: each row's identity for the random draws (default 0..B-1): equal seed and row id, equal sample.
     on_chunk: called with {row: new token ids} after each device call; returns rows to stop (stop strings).
     """
-    if length <= 0:
-        raise UsageError(f"The number of tokens to generate must be at least 1, got {length}.")
+    rows = _checked_rows(prompts, config, request.eot_id)
+    row_ids = list(range(len(rows))) if row_ids is None else list(row_ids)
+    window = max(1, min(request.window or config.n_ctx // 2, config.n_ctx - 1))
+    request = dataclasses.replace(request, window=window)
+    results: dict[int, tuple[list[int], str]] = {}
+    for members in _batches(rows, request.length, config.n_ctx):
+        batch_rows, batch_ids = [rows[i] for i in members], [row_ids[i] for i in members]
+        renumbered = None if on_chunk is None else _renumbered(on_chunk, members)
+        results.update(zip(members, _Batch(weights, config, request, batch_rows, batch_ids, renumbered).run()))
+    return [results[i] for i in range(len(rows))]
+
+
+def _checked_rows(prompts: Sequence[Sequence[int]], config: GPT2Config, eot_id: int) -> list[list[int]]:
+    """The prompts as lists, '' as eot alone, every id checked, each cut to the context's last n_ctx tokens."""
     rows = [list(p) or [eot_id] for p in prompts]
     bad = [t for p in rows for t in p if not 0 <= t < config.n_vocab]
     if bad:
@@ -100,23 +124,16 @@ def generate_tokens(
     if any(len(p) > config.n_ctx for p in rows):
         warn(f"a prompt is longer than the model's context; only its last {config.n_ctx} tokens are used.")
         rows = [p[-config.n_ctx :] for p in rows]
-    row_ids = list(range(len(rows))) if row_ids is None else list(row_ids)
-    weights = params if isinstance(params, DecodeWeights) else decode_weights(params, config)
-    window = max(1, min(window or config.n_ctx // 2, config.n_ctx - 1))
-    results: list[Any] = [None] * len(rows)
+    return rows
+
+
+def _batches(rows: list[list[int]], length: int, n_ctx: int) -> Iterable[list[int]]:
+    """Row indices per device batch: rows that fit the context together, those that will slide by prompt length."""
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(rows):
-        sliding = len(p) + length - 1 > config.n_ctx
+        sliding = len(p) + length - 1 > n_ctx
         groups.setdefault(len(p) if sliding else -1, []).append(i)
-    for members in groups.values():
-        out = _generate_batch(
-            weights, config, [rows[i] for i in members], [row_ids[i] for i in members],
-            length=length, sampling=sampling, seed=seed, eot_id=eot_id, window=window, chunk=chunk,
-            on_chunk=None if on_chunk is None else _renumbered(on_chunk, members),
-        )  # fmt: skip
-        for i, result in zip(members, out):
-            results[i] = result
-    return results
+    return groups.values()
 
 
 def _renumbered(on_chunk: OnChunk, members: list[int]) -> OnChunk:
@@ -128,217 +145,76 @@ def _renumbered(on_chunk: OnChunk, members: list[int]) -> OnChunk:
     return call
 
 
-def _generate_batch(
-    weights: DecodeWeights,
-    config: GPT2Config,
-    rows: list[list[int]],
-    row_ids: list[int],
-    *,
-    length: int,
-    sampling: SamplingConfig,
-    seed: int,
-    eot_id: int,
-    window: int,
-    chunk: int | None,
-    on_chunk: OnChunk | None,
-) -> list[tuple[list[int], str]]:
-    """One device batch. Rows that will need the window all have the same prompt length (no padding)."""
-    B, longest, n_ctx = len(rows), max(map(len, rows)), config.n_ctx
-    if longest + length - 1 > n_ctx:
-        width, slots = longest, n_ctx
-    else:
-        width = prompt_bucket(longest, n_ctx - (length - 1))
-        slots = cache_slots(width + length - 1, n_ctx)
-    chunk = chunk or slots
-    static = dict(config=config, sampling=sampling)
-    ids, eot, seed_arr = np.asarray(row_ids, np.int32), np.int32(eot_id), np.uint32(seed % 2**32)
-    generated: list[list[int]] = [[] for _ in range(B)]
-    done = np.zeros(B, bool)
-    host_stop = np.zeros(B, bool)
+class _Batch:
+    """One device batch, host side: the rows' tokens so far, which rows are done, which the host stopped."""
 
-    def take(new_BC: np.ndarray) -> None:
-        live = ~done
-        for r in range(B):  # finished rows keep growing (with eot) so every row's context has the same length
-            generated[r].extend(new_BC[r].tolist())
-        done[:] |= (new_BC == eot_id).any(axis=1)
-        if on_chunk is not None:
-            fresh = {r: generated[r][-new_BC.shape[1] :] for r in range(B) if live[r]}
-            for r in on_chunk(fresh) or ():
-                host_stop[r] = True
-        done[:] |= host_stop
+    def __init__(
+        self,
+        weights: DecodeWeights,
+        config: GPT2Config,
+        request: Request,
+        rows: list[list[int]],
+        row_ids: list[int],
+        on_chunk: OnChunk | None,
+    ) -> None:
+        self.request, self.rows, self.on_chunk = request, rows, on_chunk
+        self.width, self.slots = batch_shape(max(map(len, rows)), request.length, config.n_ctx)
+        static = dict(config=config, sampling=request.sampling)  # compiled in
+        self.prefill_fn = functools.partial(prefill_and_sample, weights, max_len=self.slots, **static)
+        self.decode_fn = functools.partial(decode_chunk, weights, **static)
+        self.ids_B, self.eot = np.asarray(row_ids, np.int32), np.int32(request.eot_id)
+        self.seed = np.uint32(request.seed % 2**32)
+        self.generated: list[list[int]] = [[] for _ in rows]
+        self.done_B = np.zeros(len(rows), bool)
+        self.stop_B = np.zeros(len(rows), bool)  # rows the host stopped (a stop string)
+        self.drawn = 0  # tokens drawn so far, the same for every row
 
-    tokens_BT, mask_BT = left_pad(rows, width, eot_id)
-    state, first_B = prefill_and_sample(
-        weights, tokens_BT, mask_BT, ids, done.copy(), np.int32(0), seed_arr, eot, max_len=slots, **static
-    )
-    take(np.asarray(first_B)[:, None])
-    drawn, cache_index = 1, width
-    while drawn < length and not done.all():
-        if cache_index == slots:  # the window slides: refill the cache with the context's last `window` tokens
-            context = [(rows[r] + generated[r])[-window:] for r in range(B)]
-            state, new_B = prefill_and_sample(
-                weights, np.asarray(context, np.int32), np.ones((B, window), bool), ids, done.copy(),
-                np.int32(drawn), seed_arr, eot, max_len=slots, **static,
-            )  # fmt: skip
-            take(np.asarray(new_B)[:, None])
-            drawn, cache_index = drawn + 1, window
-            continue
-        steps = min(chunk, length - drawn, slots - cache_index)
-        state, out_BS, n_steps = decode_chunk(weights, state, np.int32(steps), host_stop.copy(), eot, **static)
+    def run(self) -> list[tuple[list[int], str]]:
+        """Prefill, then chunks until every row is done or has `length` tokens; the window slides when full."""
+        length, window = self.request.length, self.request.window
+        state = self._prefill(*left_pad(self.rows, self.width, self.request.eot_id))
+        cache_index = self.width
+        while self.drawn < length and not self.done_B.all():
+            if cache_index == self.slots:  # the window slides: refill the cache with the context's last tokens
+                context_BW = np.asarray([(p + g)[-window:] for p, g in zip(self.rows, self.generated)], np.int32)
+                state = self._prefill(context_BW, np.ones(context_BW.shape, bool))
+                cache_index = window
+                continue
+            steps = min(self.request.chunk or self.slots, length - self.drawn, self.slots - cache_index)
+            state, n_steps = self._decode(state, steps)
+            cache_index += n_steps
+            if n_steps < steps:
+                break  # every row finished on the device
+        return [_finish(g[:length], self.request.eot_id) for g in self.generated]
+
+    def _prefill(self, tokens_BT: np.ndarray, mask_BT: np.ndarray) -> DecodeState:
+        """A fresh cache filled with `tokens_BT`, and the next token drawn."""
+        step = np.int32(self.drawn)
+        state, new_B = self.prefill_fn(tokens_BT, mask_BT, self.ids_B, self.done_B.copy(), step, self.seed, self.eot)
+        self._take(np.asarray(new_B)[:, None])
+        return state
+
+    def _decode(self, state: DecodeState, steps: int) -> tuple[DecodeState, int]:
+        """Up to `steps` decode steps in one device call; returns the state and how many ran."""
+        state, out_BS, n_steps = self.decode_fn(state, np.int32(steps), self.stop_B.copy(), self.eot)
         n_steps = int(n_steps)
-        take(np.asarray(out_BS)[:, :n_steps])
-        drawn, cache_index = drawn + n_steps, cache_index + n_steps
-        if n_steps < steps:
-            break  # every row finished on the device
-    del state
-    return [_finish(g[:length], eot_id) for g in generated]
+        self._take(np.asarray(out_BS)[:, :n_steps])
+        return state, n_steps
+
+    def _take(self, new_BC: np.ndarray) -> None:
+        live_B = ~self.done_B
+        for r, new in enumerate(new_BC.tolist()):  # finished rows keep growing (with eot): contexts stay aligned
+            self.generated[r].extend(new)
+        self.drawn += new_BC.shape[1]
+        self.done_B |= (new_BC == self.request.eot_id).any(axis=1)
+        if self.on_chunk is not None:
+            fresh = {r: g[-new_BC.shape[1] :] for r, g in enumerate(self.generated) if live_B[r]}
+            for r in self.on_chunk(fresh) or ():
+                self.stop_B[r] = True
+        self.done_B |= self.stop_B
 
 
 def _finish(tokens: list[int], eot_id: int) -> tuple[list[int], str]:
     if eot_id in tokens:
         return tokens[: tokens.index(eot_id)], STOP_EOT
     return tokens, STOP_LENGTH
-
-
-# --- text --------------------------------------------------------------------------------------------------------
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Prompt text to ids: '' means unconditional (just <|endoftext|>); a typed <|endoftext|> is the real token.
-
-    Text that is not valid Unicode (lone surrogates from undecodable bytes in argv or a file) is repaired first.
-    """
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return tokenizer.encode(text, allow_special=True) if text else [tokenizer.eot_id]
-
-
-class RowText:
-    """One row's text as its tokens arrive: stops at eot or at the first stop string (which is cut off)."""
-
-    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
-        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
-        self.tokens: list[int] = []
-        self.stop_reason: str | None = None
-        self.text = ""
-        self._emitted = 0
-
-    def extend(self, ids: Iterable[int]) -> bool:
-        """Add new ids; True once the row has stopped (eot or a stop string)."""
-        if self.stop_reason is None:
-            for i in ids:
-                if i == self.tokenizer.eot_id:
-                    self.stop_reason = STOP_EOT
-                    break
-                self.tokens.append(i)
-            self.text = self.tokenizer.decode(self.tokens)
-            cut = min((j for j in (self.text.find(s) for s in self.stops) if j >= 0), default=-1)
-            if cut >= 0:
-                self.text, self.stop_reason = self.text[:cut], STOP_STRING
-                self.tokens = self.tokens[: self._tokens_covering(cut)]
-        return self.stop_reason is not None
-
-    def _tokens_covering(self, n_chars: int) -> int:
-        """The fewest leading tokens whose text reaches `n_chars` characters (the stop string starts there)."""
-        lo, hi = 0, len(self.tokens)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(self.tokenizer.decode(self.tokens[:mid])) >= n_chars:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    def new_text(self, final: bool = False) -> str:
-        """Text not yet handed out that is safe to show: no half UTF-8 character, no possible stop-string start."""
-        if final or self.stop_reason is not None:
-            safe = len(self.text)
-        else:
-            raw = self.tokenizer.decode_bytes(self.tokens)
-            safe = len(codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final=False))
-            safe -= max((len(s) - 1 for s in self.stops), default=0)
-        piece = self.text[self._emitted : max(safe, self._emitted)]
-        self._emitted += len(piece)
-        return piece
-
-
-@dataclasses.dataclass
-class Sample:
-    prompt: str
-    text: str
-    tokens: list[int]  # the generated ids, prompt excluded, cut like the text
-    stop_reason: str  # 'length', 'endoftext' or 'stop'
-    index: int  # 0-based sample number for its prompt
-    prompt_index: int = 0
-
-
-def generate_samples(
-    params: Any,
-    config: GPT2Config,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    nsamples: int = 1,
-    batch_size: int | None = None,
-    length: int = 100,
-    sampling: SamplingConfig = SamplingConfig(),
-    seed: int = 0,
-    stop: Sequence[str] = (),
-    on_text: Callable[[int, str], None] | None = None,
-) -> Iterator[Sample]:
-    """`nsamples` continuations of each prompt, yielded batch by batch (a batch may mix prompts).
-
-    Sample j of prompt i draws with row id `i * nsamples + j`, so its text does not depend on `batch_size`.
-    `on_text(j, text)` streams the first sample of each batch as it decodes. A short last batch is filled with
-    spare rows (discarded) so that it reuses the compiled shapes.
-    """
-    weights = params if isinstance(params, DecodeWeights) else decode_weights(params, config)
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    rows = [(i, j) for i in range(len(prompts)) for j in range(nsamples)]
-    batch_size = min(batch_size or len(rows), len(rows))
-    chunk = STREAM_CHUNK if on_text is not None or stop else None
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        batch += [batch[-1]] * (batch_size - len(batch))
-        texts = [RowText(tokenizer, stop) for _ in batch]
-        streamed = batch[0][1]
-
-        def on_chunk(new: dict[int, list[int]], texts: list[RowText] = texts, streamed: int = streamed) -> list[int]:
-            stopped = [r for r, ids in new.items() if texts[r].extend(ids)]
-            if on_text is not None:
-                on_text(streamed, texts[0].new_text())
-            return stopped
-
-        out = generate_tokens(
-            weights, config, [encoded[i] for i, _ in batch], length=length, sampling=sampling, seed=seed,
-            eot_id=tokenizer.eot_id, row_ids=[i * nsamples + j for i, j in batch], chunk=chunk, on_chunk=on_chunk,
-        )  # fmt: skip
-        if on_text is not None:
-            on_text(streamed, texts[0].new_text(final=True))
-        for r, (i, j) in enumerate(batch[: len(rows) - start]):
-            text = texts[r]
-            reason = text.stop_reason if text.stop_reason == STOP_STRING else out[r][1]
-            yield Sample(prompts[i], text.text, text.tokens, reason, j, i)
-
-
-def generate_text(
-    params: Any,
-    config: GPT2Config,
-    tokenizer: Any,
-    prompts: list[str],
-    *,
-    nsamples_per_prompt: int = 1,
-    length: int = 100,
-    temperature: float = 1.0,
-    top_k: int = 40,
-    top_p: float = 1.0,
-    seed: int = 0,
-    stop: list[str] | None = None,
-    batch_size: int | None = None,
-) -> list[list[str]]:
-    """Per prompt, its `nsamples_per_prompt` generated continuations (prompt excluded); '' means unconditional."""
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    texts: list[list[str]] = [[] for _ in prompts]
-    for s in generate_samples(
-        params, config, tokenizer, prompts, nsamples=nsamples_per_prompt, batch_size=batch_size, length=length,
-        sampling=sampling, seed=seed, stop=stop or (),
-    ):  # fmt: skip
-        texts[s.prompt_index].append(s.text)
-    return texts

@@ -3,7 +3,7 @@
 `prefill_and_sample` runs the (left-padded) prompt through the model in one pass and draws the first token;
 `decode_chunk` then runs up to a given number of single-token steps in one `lax.while_loop`, with the loop state
 donated, returning the chunk's tokens. A row stops at `<|endoftext|>`; the loop ends early once every row has.
-The host (`sampling/generate.py`) calls chunks back to back, so it can stream text and check stop strings between
+The host (`generate.py`) calls chunks back to back, so it can stream text and check stop strings between
 them without a round trip per token. Randomness is keyed per row and step
 (`fold_in(fold_in(seed, row_id), step)`), so a sample depends on its seed and row id, not on the batch it ran in.
 """
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.model.decode import DecodeWeights, forward, init_kv
+from gpt2_jax.model.decode import DecodeWeights, forward, init_cache
 from gpt2_jax.sampling.processors import SamplingConfig, next_token
 
 Array = jax.Array
@@ -29,7 +29,7 @@ Array = jax.Array
 class DecodeState:
     """Everything one decode step needs; lives on the device and is donated from chunk to chunk."""
 
-    cache: dict[str, Any]  # decoder.forward's cache: per-layer k/v lists, valid, index, length
+    cache: dict[str, Any]  # model.decode.forward's cache: per-layer k/v lists, valid, index, length
     token_B: Array  # int32: the newest drawn token, not yet fed to the model
     done_B: Array  # bool: the row drew <|endoftext|> (or the host stopped it); it now only repeats eot
     seen_BV: Array | None  # bool: tokens in the context (only with a repetition penalty)
@@ -64,13 +64,11 @@ def prefill_and_sample(
     sampling: SamplingConfig,
     max_len: int,
 ) -> tuple[DecodeState, Array]:
-    """Fill a fresh `max_len`-slot cache with left-padded prompts (`decoder.decode_weights` weights) and draw each
+    """Fill a fresh `max_len`-slot cache with left-padded prompts (`model.decode.decode_weights` weights) and draw each
     row's next token. Rows already `done_B` draw eot. Returns the loop state and the drawn tokens `[B]` (a separate
     buffer, so the host can read them after the state has been donated)."""
     B = tokens_BT.shape[0]
-    k, v = init_kv(config, B, max_len)
-    cache = {"k": k, "v": v, "valid": jnp.zeros((B, max_len), bool), "index": jnp.zeros((), jnp.int32)}
-    logits_BV, cache = forward(weights, config, tokens_BT, mask_BT, dict(cache, length=jnp.zeros((B,), jnp.int32)))
+    logits_BV, cache = forward(weights, config, tokens_BT, mask_BT, init_cache(config, B, max_len))
     row_keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids_B)
     seen_BV = None
     if sampling.repetition_penalty != 1:
