@@ -5,7 +5,8 @@
     python train.py --dataset my.txt --restore_from latest     # continue runs/run1 where it stopped
     python train.py --distributed ...                          # on every host of a cluster (README: Several machines)
 
-The work happens in gpt2_jax/ (train_config: flags; train_setup: run directory, model, data, state; trainer: loop).
+The work happens in gpt2_jax/training/ (config.py: the flags; setup.py: everything built before the first step;
+loop.py: the loop).
 """
 
 from __future__ import annotations

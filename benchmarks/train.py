@@ -30,9 +30,10 @@ import numpy as np
 from gpt2_jax.config import GPT2Config, get_config
 from gpt2_jax.model.flops import flops_per_token, peak_flops
 from gpt2_jax.model.transformer import init_params
+from gpt2_jax.training.mesh import make_mesh, replicated, select_devices, shard_batch
 from gpt2_jax.training.optim import learning_rate_schedule, make_optimizer
 from gpt2_jax.training.setup import default_scan_unroll
-from gpt2_jax.training.step import build_train_step, create_state, make_mesh, replicated, select_devices, shard_batch
+from gpt2_jax.training.step import build_train_step, create_state
 
 HYPER = dict(learning_rate=1e-4, weight_decay=0.1, grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8)
 

@@ -24,6 +24,8 @@ import pytest
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.training.checkpoints import complete_steps
+from gpt2_jax.training.config import TrainConfig
+from gpt2_jax.training.events import due_at
 from gpt2_jax.training.loop import run_training
 from gpt2_jax.training.run_dir import RunLock
 from gpt2_jax.weights.native import load_params
@@ -210,9 +212,24 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, flags):
     assert not (tmp_path / "train.lock").exists()
 
 
-def test_cli_help_documents_every_flag_and_bad_flags_exit_2():
-    from gpt2_jax.training.config import TrainConfig
+def test_what_is_due_follows_the_flags_the_last_step_and_a_stop():
+    cfg = TrainConfig(steps=20, log_every=5, val_every=10, sample_every=4, save_every=8)
+    due = {step: due_at(step, cfg, stopping=False) for step in range(1, cfg.steps + 1)}
+    assert [step for step, d in due.items() if d.log] == [5, 10, 15, 20]
+    assert [step for step, d in due.items() if d.save] == [8, 16, 20]
+    assert [step for step, d in due.items() if d.validate] == [10, 20]
+    assert [step for step, d in due.items() if d.sample] == [4, 8, 12, 16]  # the last step's come after the loop
+    assert [step for step, d in due.items() if d.anything] == [4, 5, 8, 10, 12, 15, 16, 20]
+    assert not any(d.stop for d in due.values())
+    stop = due_at(3, cfg, stopping=True)
+    assert stop.stop and stop.save and not (stop.log or stop.validate or stop.sample)
+    only_at_the_end = TrainConfig(steps=20, log_every=5, val_every=0, sample_every=0, save_every=0)
+    due = {step: due_at(step, only_at_the_end, stopping=False) for step in range(1, 21)}
+    assert [step for step, d in due.items() if d.save or d.validate] == [20]
+    assert not any(d.sample for d in due.values())
 
+
+def test_cli_help_documents_every_flag_and_bad_flags_exit_2():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     help_text = subprocess.run(
         [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env

@@ -20,8 +20,15 @@ import pytest
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
 from gpt2_jax.model.transformer import init_params
-from gpt2_jax.training.optim import decay_mask, learning_rate_schedule, make_optimizer
-from gpt2_jax.training.step import check_batch, select_devices
+from gpt2_jax.training.config import TrainConfig
+from gpt2_jax.training.mesh import check_batch, select_devices
+from gpt2_jax.training.optim import (
+    OptimizerConfig,
+    decay_mask,
+    learning_rate_schedule,
+    make_optimizer,
+    optimizer_and_schedule,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,6 +78,17 @@ def test_schedule_warms_up_then_decays_to_min_lr():
         learning_rate_schedule(1e-3, warmup_steps=0, total_steps=10, schedule="linear")
 
 
+def test_optimizer_settings_come_from_the_options_and_equal_settings_share_one_optimizer():
+    settings = OptimizerConfig.of(TrainConfig(learning_rate=1e-3, steps=50, warmup_steps=5, beta2=0.99))
+    assert settings == OptimizerConfig(learning_rate=1e-3, warmup_steps=5, total_steps=50, min_lr=1e-4, b2=0.99)
+    again = OptimizerConfig.of(TrainConfig(learning_rate=1e-3, steps=50, warmup_steps=5, beta2=0.99))
+    assert optimizer_and_schedule(settings) is optimizer_and_schedule(again)  # compiled steps are cached on it
+    other = OptimizerConfig.of(TrainConfig(learning_rate=1e-3, steps=50, warmup_steps=5, min_lr=0.0))
+    assert other.min_lr == 0.0 and optimizer_and_schedule(other) is not optimizer_and_schedule(settings)
+    schedule = optimizer_and_schedule(settings)[1]
+    assert float(schedule(5)) == pytest.approx(1e-3) and float(schedule(50)) == pytest.approx(1e-4)
+
+
 def test_batch_must_divide_devices_times_accumulation():
     assert check_batch(16, 4, 2) == 2
     with pytest.raises(UsageError, match=r"--batch_size 12 must be divisible by .* 8"):
@@ -88,7 +106,7 @@ PARALLEL_SCRIPT = textwrap.dedent(
     from gpt2_jax.model.transformer import init_params
     from gpt2_jax.training.optim import learning_rate_schedule, make_optimizer
     from gpt2_jax.training import step as ts
-    from gpt2_jax.training.mesh import tree_shardings
+    from gpt2_jax.training.mesh import make_mesh, shard_batch, tree_shardings
 
     assert len(jax.devices()) == 8
     config = get_config("tiny")
@@ -100,7 +118,7 @@ PARALLEL_SCRIPT = textwrap.dedent(
     host_params = jax.tree.map(np.array, init_params(config, 0))
 
     def run(n_devices, accumulate, sharding="replicated"):
-        mesh = ts.make_mesh(jax.devices()[:n_devices])
+        mesh = make_mesh(jax.devices()[:n_devices])
         # A private copy per run: the donated state may reuse the input's memory (jit's resharding can alias it).
         params = jax.tree.map(np.copy, host_params)
         create = lambda p: ts.create_state(p, optimizer, 0)
@@ -112,7 +130,7 @@ PARALLEL_SCRIPT = textwrap.dedent(
         step = ts.build_train_step(config, optimizer, schedule, mesh, accumulate=accumulate, state_sharding=shardings)
         losses = []
         for batch in batches:
-            state, metrics = step(state, ts.shard_batch(batch, mesh))
+            state, metrics = step(state, shard_batch(batch, mesh))
             losses.append(float(metrics["loss"]))
         return losses, jax.device_get(state.params)
 

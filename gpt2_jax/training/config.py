@@ -106,10 +106,6 @@ class TrainConfig:
     num_processes: int | None = _opt(None, "how many processes, with --distributed", type=int, shown="auto-detected")
     process_id: int | None = _opt(None, "this process's index, with --distributed", type=int, shown="auto-detected")
 
-    @property
-    def run_dir(self) -> str:
-        return self.out or f"runs/{self.run_name}"
-
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in PER_INVOCATION}
 

@@ -25,8 +25,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.training.step import batch_sharding, shard_batch
+from gpt2_jax.console import is_primary
+from gpt2_jax.errors import UsageError, UserError, first_line
+from gpt2_jax.training.mesh import batch_sharding, shard_batch
 
 
 def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
@@ -39,7 +40,6 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     except (RuntimeError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if coordinator is None:
             advice = (
                 "outside a TPU pod, SLURM or Open MPI job, start every process with --coordinator HOST:PORT "
@@ -50,14 +50,10 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
                 "check that every process was started with the same --coordinator HOST:PORT and --num_processes, "
                 "that each --process_id is unique, and that the coordinator's port is reachable"
             )
-        raise UserError(f"Could not join the distributed run ({first_line[:200]}); {advice}.")
+        raise UserError(f"Could not join the distributed run ({first_line(e)[:200]}); {advice}.")
     if not is_primary():
         # One voice: process 0 prints the log; the others' stdout would repeat it line for line.
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
-
-
-def is_primary() -> bool:
-    return jax.process_index() == 0
 
 
 def local_rows(mesh: Mesh, global_rows: int) -> slice:

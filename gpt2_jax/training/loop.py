@@ -1,8 +1,9 @@
-"""The training loop: log lines, validation, samples, checkpoints, signals, all around one jitted step.
+"""The training loop: one jitted step after another, and after each whatever is due (events.py): a log line, a
+checkpoint, a stop, validation, samples.
 
 The host dispatches step n, draws batch n+1 while the device computes, and only then reads step n-1's loss (done by
-then), so the device always has the next step queued and the host waits on it only at log, validation, sample and
-checkpoint steps. The log line is nshepperd's with rate and MFU:
+then), so the device always has the next step queued; the host waits for the device only after the first step (to
+time the compile) and at steps where something is due. The log line is nshepperd's with rate and MFU:
 
     [step | elapsed] loss=3.21 avg=3.40 lr=6.00e-04 tok/s=12345 mfu=41.2%
 
@@ -10,7 +11,7 @@ where avg is nshepperd's bias-corrected moving average (decay 0.99). A NaN/Inf (
 once with no checkpoint written, and a checkpoint of the weights that produced it is deleted, so the last good one
 stays the newest. SIGTERM and Ctrl-C finish the step in flight, write a checkpoint and return 128 + the signal
 number (143, 130); a second Ctrl-C interrupts at once. In a run over several processes only process 0 prints, and
-a signal to any process stops them all at the next log step (see `stop_agreed`).
+a signal to any process stops them all at the next log step (events.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
@@ -28,11 +27,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from gpt2_jax.console import is_primary, print_utf8
 from gpt2_jax.data.batches import BatchSampler, eval_windows
 from gpt2_jax.errors import UserError
 from gpt2_jax.model.flops import flops_per_token, measure_matmul_flops
-from gpt2_jax.training.distributed import global_batch, host_copy, is_primary, local_rows
-from gpt2_jax.training.run_dir import format_samples, print_utf8
+from gpt2_jax.training.distributed import global_batch, host_copy, local_rows
+from gpt2_jax.training.events import Due, due_at, periodic, stop_agreed, stop_signals
+from gpt2_jax.training.run_dir import format_samples
 from gpt2_jax.training.setup import Session, prepare
 from gpt2_jax.training.step import all_finite
 
@@ -63,28 +64,6 @@ class Diverged(UserError):
     """The loss blew up: the message names the step and suggests a lower learning rate."""
 
 
-@contextmanager
-def stop_signals() -> Iterator[dict[str, int]]:
-    """Turn SIGTERM and the first Ctrl-C into a flag the loop polls; a second Ctrl-C interrupts at once."""
-    received: dict[str, int] = {}
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, frame):
-        if "signum" in received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        received["signum"] = signum
-        name = signal.Signals(signum).name
-        print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def run_training(explicit: dict[str, Any], *, bundled_dataset: str) -> int:
     """train.py's whole job: build the session, train, always release the lock and finish pending saves."""
     session = prepare(explicit, bundled_dataset=bundled_dataset)
@@ -110,6 +89,7 @@ class Loop:
         self.records = s.records
         self.flops_per_token = flops_per_token(s.model_config, s.seq_len)
         self.start = time.perf_counter()
+        self.window_step, self.window_start = self.step, self.start  # what the next log line's rate measures
         self.last_plot = 0.0
 
     # --- helpers ---------------------------------------------------------------------------------------------------
@@ -160,9 +140,15 @@ class Loop:
             raise Diverged(f"The params hold NaN/Inf at step {self.step}; lower --learning_rate and resume.")
         self.s.checkpoints.save(self.step, self.s.state.params, self.s.state.opt_state, self.meta(data_state))
 
-    def log(self, values: dict[str, float], interval_tokens: int, interval_s: float) -> None:
+    def restart_window(self) -> None:
+        """Start the interval over which the next log line measures tok/s and MFU."""
+        self.window_step, self.window_start = self.step, time.perf_counter()
+
+    def log(self, values: dict[str, float]) -> None:
         s = self.s
-        tokens_per_s = interval_tokens / max(interval_s, 1e-9)
+        now = time.perf_counter()
+        tokens_per_s = (self.step - self.window_step) * self.tokens_per_step / max(now - self.window_start, 1e-9)
+        self.window_step, self.window_start = self.step, now
         mfu = 100.0 * tokens_per_s * self.flops_per_token / s.peak_flops
         elapsed = self.elapsed()
         tqdm.write(
@@ -215,7 +201,7 @@ class Loop:
         s, cfg = self.s, self.s.cfg
         if cfg.sample_num < 1:
             return
-        from gpt2_jax.sampling.generate import generate_text  # imported late: a run without samples never needs it
+        from gpt2_jax.sampling.sampler import generate_text  # imported late: a run without samples never needs it
 
         seed = int(np.asarray(jax.device_get(s.state.rng)).ravel()[-1]) + self.step
         params = s.state.params
@@ -232,78 +218,83 @@ class Loop:
         tqdm.write(f"[{self.step} | {self.elapsed():.2f}] samples (also in {path}):", file=sys.stdout)
         print_utf8(format_samples(texts, cfg.sample_prompt).rstrip("\n"))
 
-    def stop_agreed(self, stop: dict[str, int], *, at_log_step: bool) -> bool:
-        """Whether to save and stop after this step. One process decides alone at once; several processes must
-        agree, since saving is collective, so they compare their signal flags at log steps (where the host waits
-        anyway): a run over several hosts stops within --log_every steps of a signal to any of them."""
-        if jax.process_count() == 1:
-            return "signum" in stop
-        if not at_log_step:
-            return False
-        return bool(np.any(host_copy(np.array(["signum" in stop]))))
-
     # --- the loop --------------------------------------------------------------------------------------------------
     def run(self) -> int:
         s, cfg = self.s, self.s.cfg
         if self.step >= cfg.steps:
             print(f"{s.run.path} is already at step {self.step} of --steps {cfg.steps}; pass a larger --steps.")
             return 0
-        every = lambda n: n > 0 and self.step % n == 0
+        first_step = self.step + 1  # it includes the compile
         batch = self.next_batch()
         pending = None  # (step, metrics) dispatched but not read yet
-        last_log_step, last_log_time, first = self.step, time.perf_counter(), True
+        self.restart_window()
         with (
             stop_signals() as stop,
             tqdm(total=cfg.steps, initial=self.step, unit="step", disable=None if is_primary() else True) as bar,
         ):
             while self.step < cfg.steps:
-                s.state, metrics = s.train_step(s.state, batch)
-                self.step += 1
-                self.tokens_seen += self.tokens_per_step
-                data_state = self.sampler.state()  # the data position that goes with this step
-                if self.step < cfg.steps:
-                    batch = self.next_batch()  # overlaps the device's work
+                metrics, data_state, batch = self.dispatch(batch)
                 if pending is not None:
-                    self.read(*pending)
+                    self.read(*pending)  # the step before: finished by now, so reading it costs no wait
                 pending = (self.step, metrics)
                 bar.update(1)
-                stopping = self.stop_agreed(stop, at_log_step=every(cfg.log_every))
-                boundary = (
-                    every(cfg.log_every) or every(cfg.val_every) or every(cfg.sample_every)
-                    or every(cfg.save_every) or self.step == cfg.steps or stopping
-                )  # fmt: skip
-                if first:  # the first step includes compiling: say how long, and time the others without it
-                    values, pending, first = self.read(*pending), None, False
-                    tqdm.write(f"compiled and ran the first step in {time.perf_counter() - self.start:.1f} s")
-                    if not boundary:
-                        last_log_step, last_log_time = self.step, time.perf_counter()
-                        continue
-                elif not boundary:
-                    continue
-                else:
-                    values, pending = self.read(*pending), None
-                if every(cfg.log_every) or self.step == cfg.steps:
-                    s.checkpoints.check()  # a save that failed in the background stops the run now
-                    now = time.perf_counter()
-                    self.log(values, (self.step - last_log_step) * self.tokens_per_step, now - last_log_time)
-                    last_log_step, last_log_time = self.step, now
-                if every(cfg.save_every) or self.step == cfg.steps or stopping:
-                    self.save(data_state)
-                if stopping:
-                    s.checkpoints.wait()
-                    signum = stop.get("signum", signal.SIGTERM)  # a peer process was signalled: stop as it does
-                    name = signal.Signals(signum).name
-                    print(f"stopped by {name} at step {self.step}; checkpoint saved in {s.run.checkpoints}")
-                    return 128 + signum
-                paused = False  # time spent validating or sampling is not training time
-                if every(cfg.val_every) or self.step == cfg.steps:
-                    self.validate()
-                    paused = True
-                if every(cfg.sample_every) and self.step < cfg.steps:
-                    self.sample()
-                    paused = True
-                if paused:
-                    last_log_step, last_log_time = self.step, time.perf_counter()
+                stopping = stop_agreed(stop, at_log_step=periodic(self.step, cfg.log_every))
+                due = due_at(self.step, cfg, stopping=stopping)
+                if not due.anything and self.step != first_step:
+                    continue  # no host sync: the device already has the next step queued
+                values, pending = self.read(*pending), None
+                if self.step == first_step:
+                    self.report_compile()
+                exit_code = self.run_due(due, values, data_state, stop)
+                if exit_code is not None:
+                    return exit_code
+                if self.step == first_step:
+                    self.restart_window()  # the other steps are timed without the compile
+        return self.finish()
+
+    def dispatch(self, batch: jax.Array) -> tuple[dict[str, jax.Array], dict[str, Any], jax.Array | None]:
+        """Queue one step on the device, then draw the next batch while it computes; returns (the step's metrics,
+        unread; the data position that goes with it; the next batch, None after the last step)."""
+        s = self.s
+        s.state, metrics = s.train_step(s.state, batch)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        data_state = self.sampler.state()
+        return metrics, data_state, self.next_batch() if self.step < s.cfg.steps else None
+
+    def run_due(
+        self, due: Due, values: dict[str, float], data_state: dict[str, Any], stop: dict[str, int]
+    ) -> int | None:
+        """Whatever `due` holds, in this order; returns the exit code when the run stops here."""
+        if due.log:
+            self.s.checkpoints.check()  # a save that failed in the background stops the run now
+            self.log(values)
+        if due.save:
+            self.save(data_state)
+        if due.stop:
+            return self.stopped(stop)
+        if due.validate:
+            self.validate()
+        if due.sample:
+            self.sample()
+        if due.validate or due.sample:
+            self.restart_window()  # time spent validating or sampling is not training time
+        return None
+
+    def report_compile(self) -> None:
+        """The first step's time, compile included (its metrics have been read: it has finished)."""
+        tqdm.write(f"compiled and ran the first step in {time.perf_counter() - self.start:.1f} s")
+
+    def stopped(self, stop: dict[str, int]) -> int:
+        """128 + the signal's number, once the checkpoint saved for it is complete."""
+        self.s.checkpoints.wait()
+        signum = stop.get("signum", signal.SIGTERM)  # a peer process was signalled: stop as it does
+        name = signal.Signals(signum).name
+        print(f"stopped by {name} at step {self.step}; checkpoint saved in {self.s.run.checkpoints}")
+        return 128 + signum
+
+    def finish(self) -> int:
+        s = self.s
         s.checkpoints.wait()
         self.sample()
         self.plot()

@@ -1,4 +1,9 @@
-"""Where the training state lies on the device mesh: replicated on every device, or sharded (FSDP / ZeRO-3).
+"""The device mesh and where things lie on it: the batch split by rows, the training state replicated or sharded.
+
+The mesh has one axis, 'data', over the chosen devices of every process (`select_devices`, `make_mesh`). Every
+batch `[B, T+1]` is split along it by rows (`batch_sharding`); the global batch must split evenly into devices x
+micro-batches (`check_batch`). The training state lies on the same axis in one of two ways (FSDP / ZeRO-3 is the
+second):
 
     replicated  every device holds all params and AdamW moments (plain data parallelism; the fastest when it fits)
     fsdp        each large tensor of params and moments is split along the mesh's 'data' axis, so a device holds
@@ -6,10 +11,10 @@
                 scan, one layer at a time) and reduce-scatters the gradients back to their shards
     auto        replicated when it fits the devices' memory, else fsdp
 
-The batch is split by rows over the same axis in every case, so the losses do not depend on the choice (tested to
-1e-5 on 8 CPU devices). Which dimension a tensor is split on: the largest one the device count divides, never the
-leading layer axis of the stacked blocks under `h` (the scan slices it one layer per step; a split there would make
-XLA gather the whole stack at once). Tensors too small to matter stay whole.
+The batch is split the same way under both, so the losses do not depend on the choice (tested to 1e-5 on 8 CPU
+devices). Which dimension a tensor is split on: the largest one the device count divides, never the leading layer
+axis of the stacked blocks under `h` (the scan slices it one layer per step; a split there would make XLA gather
+the whole stack at once). Tensors too small to matter stay whole.
 
 The memory check runs on `jax.eval_shape` results before anything is allocated: a state that cannot fit says so
 and names the way out instead of failing deep inside XLA.
@@ -18,20 +23,73 @@ and names the way out instead of failing deep inside XLA.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jax.tree_util import DictKey
 
-from gpt2_jax.errors import UserError
+from gpt2_jax.errors import UsageError, UserError
 
 STRATEGIES = ("auto", "replicated", "fsdp")
 MIN_SHARDED_ELEMENTS = 1 << 14  # below this a tensor's shards would save less memory than their bookkeeping costs
 STACKED_LAYERS_KEY = "h"
 # Of a device's memory, the share the state may take: activations, gradients and XLA's workspace need the rest.
 STATE_MEMORY_SHARE = 0.6
+
+
+def select_devices(spec: str | int) -> list[jax.Device]:
+    """`all` or a count of local devices, first ones first; a multi-process run always uses every device."""
+    if jax.process_count() > 1:
+        if str(spec) != "all":
+            raise UsageError(f"--devices {spec}: a run over several processes uses every device; drop --devices.")
+        return jax.devices()
+    available = jax.local_devices()
+    if str(spec) == "all":
+        return available
+    try:
+        n = int(spec)
+    except ValueError:
+        raise UsageError(f"--devices must be 'all' or a number, got {spec!r}.")
+    if not 1 <= n <= len(available):
+        raise UsageError(f"--devices {n} asks for more devices than the {len(available)} this machine has.")
+    return available[:n]
+
+
+def on_cpu() -> bool:
+    """Whether JAX computes on the host's CPU (no GPU or TPU): the demo and the layer unrolling depend on it."""
+    return jax.default_backend() == "cpu"
+
+
+def make_mesh(devices: Sequence[jax.Device]) -> Mesh:
+    return Mesh(np.array(devices), ("data",), axis_types=(AxisType.Auto,))
+
+
+def check_batch(batch_size: int, n_devices: int, accumulate: int) -> int:
+    """The per-device micro-batch; a clear error when the global batch does not split evenly."""
+    if batch_size < 1 or accumulate < 1:
+        raise UsageError("--batch_size and --accumulate_gradients must be positive.")
+    if batch_size % (n_devices * accumulate):
+        raise UsageError(
+            f"--batch_size {batch_size} must be divisible by devices x accumulate_gradients = "
+            f"{n_devices} x {accumulate} = {n_devices * accumulate}; pick a multiple of {n_devices * accumulate}."
+        )
+    return batch_size // (n_devices * accumulate)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Host batch `[B, T+1]` -> a device array split by rows over the mesh (asynchronous copy)."""
+    return jax.device_put(batch, batch_sharding(mesh))
 
 
 def leaf_spec(path: tuple, shape: tuple[int, ...], n_shards: int) -> PartitionSpec:

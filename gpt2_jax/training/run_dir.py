@@ -22,27 +22,17 @@ import json
 import os
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UserError
-from gpt2_jax.io import atomic_write_bytes
+from gpt2_jax.io import atomic_write_bytes, pid_alive
+from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.weights import native
 
 LOCK_FILE = "train.lock"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 class RunLock:
@@ -83,7 +73,7 @@ class RunLock:
                     if holder is None:
                         continue
                     pid, host = holder.get("pid"), holder.get("host")
-                    if isinstance(pid, int) and host == socket.gethostname() and _pid_alive(pid):
+                    if isinstance(pid, int) and host == socket.gethostname() and pid_alive(pid):
                         raise UserError(
                             f"{self.path.parent} is in use by another train.py (pid {pid}); wait for it to finish, "
                             "stop it, or train into another --run_name."
@@ -124,10 +114,7 @@ class RunDir:
         except OSError as e:
             raise UserError(f"Cannot create the run directory {self.path}: {e.strerror or e}.")
 
-    def has_model_json(self) -> bool:
-        return (self.path / native.CONFIG_FILE).is_file()
-
-    def write_model(self, config: GPT2Config, tokenizer: Any, training: dict[str, Any]) -> None:
+    def write_model(self, config: GPT2Config, tokenizer: Tokenizer, training: dict[str, Any]) -> None:
         """gpt2_jax.json (config + training options) and the tokenizer files: what makes the run a model."""
         if not self.writer:
             return
@@ -217,13 +204,3 @@ class RunDir:
 
 def format_samples(samples: list[str], prompt: str = "") -> str:
     return "".join(f"==== SAMPLE {i} ====\n{prompt}{text}\n" for i, text in enumerate(samples, start=1))
-
-
-def print_utf8(text: str, file=None) -> None:
-    """Print without UnicodeEncodeError on consoles whose encoding is not UTF-8 (Windows)."""
-    file = file or sys.stdout
-    try:
-        print(text, file=file, flush=True)
-    except UnicodeEncodeError:
-        file.buffer.write((text + "\n").encode("utf-8"))
-        file.flush()

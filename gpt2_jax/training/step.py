@@ -2,32 +2,34 @@
 
 `TrainState` (params, opt_state, step, rng) is a pytree; `train_step(state, batch) -> (state, metrics)` is jitted
 once with the state donated, so the update happens in place. The mesh has one axis, 'data', over every device of
-every process: each batch is sharded along it by rows; the state is replicated (XLA all-reduces the gradients: the
-`jit` + `NamedSharding` spelling of what `pmap` did, one program for any device count, the same losses as one
-device) or sharded along the same axis (FSDP, see sharding.py: gradients are reduce-scattered to their shards).
+every process (mesh.py): each batch is sharded along it by rows; the state is replicated (XLA all-reduces the
+gradients: the `jit` + `NamedSharding` spelling of what `pmap` did, one program for any device count, the same
+losses as one device) or sharded along the same axis (FSDP: gradients are reduce-scattered to their shards).
 
 Gradient accumulation runs inside the step: the global batch `[B, T+1]` is split into `accumulate` micro-batches
 summed by a `lax.scan`, so one dispatch covers the whole optimizer step. Row `j * accumulate + i` goes to
 micro-batch `i`: every device keeps its own rows, no data moves between devices.
 
 Loss: mean next-token cross-entropy in float32, from the model's float32 logits.
+
+Axes: B rows of the batch, T tokens per window (T1 = T+1: the window and the token after it, the last target),
+V vocabulary, A micro-batches of one optimizer step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.errors import UsageError
 from gpt2_jax.model.transformer import GPT2
+from gpt2_jax.training.mesh import batch_sharding, replicated
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -50,51 +52,10 @@ def create_state(params: Any, optimizer: optax.GradientTransformation, seed: int
     )
 
 
-def select_devices(spec: str | int) -> list[jax.Device]:
-    """`all` or a count of local devices, first ones first; a multi-process run always uses every device."""
-    if jax.process_count() > 1:
-        if str(spec) != "all":
-            raise UsageError(f"--devices {spec}: a run over several processes uses every device; drop --devices.")
-        return jax.devices()
-    available = jax.local_devices()
-    if str(spec) == "all":
-        return available
-    try:
-        n = int(spec)
-    except ValueError:
-        raise UsageError(f"--devices must be 'all' or a number, got {spec!r}.")
-    if not 1 <= n <= len(available):
-        raise UsageError(f"--devices {n} asks for more devices than the {len(available)} this machine has.")
-    return available[:n]
-
-
-def make_mesh(devices: Sequence[jax.Device]) -> Mesh:
-    return Mesh(np.array(devices), ("data",), axis_types=(AxisType.Auto,))
-
-
-def check_batch(batch_size: int, n_devices: int, accumulate: int) -> int:
-    """The per-device micro-batch; a clear error when the global batch does not split evenly."""
-    if batch_size < 1 or accumulate < 1:
-        raise UsageError("--batch_size and --accumulate_gradients must be positive.")
-    if batch_size % (n_devices * accumulate):
-        raise UsageError(
-            f"--batch_size {batch_size} must be divisible by devices x accumulate_gradients = "
-            f"{n_devices} x {accumulate} = {n_devices * accumulate}; pick a multiple of {n_devices * accumulate}."
-        )
-    return batch_size // (n_devices * accumulate)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec("data"))
-
-
-def shard_batch(batch: np.ndarray, mesh: Mesh) -> Array:
-    """Host batch `[B, T+1]` -> a device array split by rows over the mesh (asynchronous copy)."""
-    return jax.device_put(batch, batch_sharding(mesh))
+def replicated_state(mesh: Mesh) -> TrainState:
+    """Every part of the state whole on every device (a TrainState of shardings, each a prefix of its subtree)."""
+    whole = replicated(mesh)
+    return TrainState(params=whole, opt_state=whole, step=whole, rng=whole)
 
 
 def token_losses(params: Any, config: GPT2Config, batch_BT1: Array) -> Array:
@@ -145,15 +106,15 @@ def build_train_step(
 ) -> Callable[[TrainState, Array], tuple[TrainState, Metrics]]:
     """`train_step(state, batch) -> (state, metrics)`, jitted with explicit shardings and the state donated.
 
-    state_sharding: a TrainState of NamedShardings (sharding.py); None replicates the whole state.
+    state_sharding: a TrainState of NamedShardings (mesh.tree_shardings); None replicates the whole state.
     metrics: `loss` (mean over the global batch, before the update), `grad_norm` (before clipping), `lr` (the
     rate this update used).
     """
-    state_sharding = state_sharding or replicated(mesh)
+    if state_sharding is None:
+        state_sharding = replicated_state(mesh)
 
     def train_step(state: TrainState, batch_BT1: Array) -> tuple[TrainState, Metrics]:
-        params_sharding = state_sharding.params if isinstance(state_sharding, TrainState) else state_sharding
-        loss, grads = _loss_and_grads(state.params, config, batch_BT1, accumulate, mesh, params_sharding)
+        loss, grads = _loss_and_grads(state.params, config, batch_BT1, accumulate, mesh, state_sharding.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}

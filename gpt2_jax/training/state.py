@@ -1,0 +1,127 @@
+"""The training state before the first step: its shapes, where it lies, the steps compiled over it, its first value.
+
+abstract_state    shapes and dtypes from `jax.eval_shape`: nothing allocated, even for 1558M
+choose_sharding   replicated or fsdp (mesh.py), checked against the devices' memory before any allocation
+step_functions    the jitted init, train and eval steps over those shardings, built once per configuration
+fresh_state       a new run: the state from the model's params (this run's old checkpoints and outputs go)
+restored_state    a continued run: the newest readable checkpoint, its arrays placed straight onto the mesh;
+                  newer checkpoints here that would shadow the ones this run writes are deleted
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.console import note
+from gpt2_jax.model.transformer import abstract_params
+from gpt2_jax.training.checkpoints import Checkpoints
+from gpt2_jax.training.mesh import bytes_per_device, choose_strategy, tree_shardings
+from gpt2_jax.training.optim import OptimizerConfig, optimizer_and_schedule
+from gpt2_jax.training.run_dir import RunDir
+from gpt2_jax.training.start import StartMode
+from gpt2_jax.training.step import TrainState, build_eval_step, build_train_step, create_state
+
+
+@functools.lru_cache(maxsize=4)
+def abstract_state(model_config: GPT2Config, optimizer: OptimizerConfig) -> TrainState:
+    """The training state's shapes and dtypes; traced once per configuration, though the memory check, the step's
+    shardings and a restore all ask for it."""
+    adamw = optimizer_and_schedule(optimizer)[0]
+    return jax.eval_shape(lambda p: create_state(p, adamw, 0), abstract_params(model_config))
+
+
+def choose_sharding(
+    requested: str, model_config: GPT2Config, optimizer: OptimizerConfig, mesh: Mesh
+) -> tuple[str, dict[str, int]]:
+    """('replicated' | 'fsdp', per-device bytes of the state under each), checked against the devices' memory
+    before anything is allocated."""
+    abstract = abstract_state(model_config, optimizer)
+    state_bytes = {k: bytes_per_device(abstract, tree_shardings(abstract, mesh, k)) for k in ("replicated", "fsdp")}
+    device = mesh.devices.flat[0]
+    return choose_strategy(requested, state_bytes, device, mesh.devices.size), state_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    shardings: TrainState  # a NamedSharding per leaf of the state
+    init_state: Callable[[Any, int], TrainState]  # (params, seed) -> the state, placed on `shardings`
+    train_step: Callable  # step.build_train_step
+    eval_step: Callable  # step.build_eval_step
+
+
+@functools.lru_cache(maxsize=4)
+def step_functions(
+    model_config: GPT2Config, optimizer: OptimizerConfig, mesh: Mesh, accumulate: int, sharding: str
+) -> StepFunctions:
+    """The jitted functions of one configuration: a process that trains twice (tests, a notebook) compiles once,
+    since jit caches executables per function object."""
+    adamw, schedule = optimizer_and_schedule(optimizer)
+    shardings = tree_shardings(abstract_state(model_config, optimizer), mesh, sharding)
+    return StepFunctions(
+        shardings=shardings,
+        init_state=jax.jit(lambda params, seed: create_state(params, adamw, seed), out_shardings=shardings),
+        train_step=build_train_step(
+            model_config, adamw, schedule, mesh, accumulate=accumulate, state_sharding=shardings
+        ),
+        eval_step=build_eval_step(model_config, mesh, shardings.params),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StartingPoint:
+    state: TrainState
+    step: int  # optimizer steps already taken
+    meta: dict[str, Any] | None  # the restored checkpoint's meta (data position, rng, ...); None for a fresh run
+    records: list[dict[str, Any]]  # metrics.jsonl records kept from the run continued
+
+
+def fresh_state(
+    run: RunDir, checkpoints: Checkpoints, params: Any, seed: int, init_state: Callable[[Any, int], TrainState]
+) -> StartingPoint:
+    deleted = checkpoints.delete_after(None)  # only non-empty with --restore_from fresh --overwrite
+    if deleted:
+        note(f"--overwrite: deleted checkpoints {', '.join(map(str, deleted))} of {run.path}")
+    run.clear_outputs()
+    if jax.process_count() > 1:  # each process loaded its own copy: hand the step host arrays to place
+        params = jax.device_get(params)
+    return StartingPoint(state=init_state(params, seed), step=0, meta=None, records=[])
+
+
+def restored_state(
+    run: RunDir, checkpoints: Checkpoints, start: StartMode, abstract: TrainState, shardings: TrainState
+) -> StartingPoint:
+    source = checkpoints if start.kind == "resume" else Checkpoints(start.source, read_only=True)
+    state, meta = restore_state(source, start.step, abstract, shardings)
+    step = int(meta["step"])
+    elsewhere = start.source != run.checkpoints.absolute()
+    # Newer checkpoints here would shadow the ones this run writes: they failed to read back (resume) or
+    # --overwrite asked for them to go (rolling back, or continuing another run's checkpoint).
+    deleted = checkpoints.delete_after(None if elsewhere else step)
+    if deleted:
+        note(f"deleted checkpoints {', '.join(map(str, deleted))} of {run.path}")
+    if elsewhere:
+        run.clear_outputs()
+    records = [] if elsewhere else run.keep_metrics_until(step)
+    return StartingPoint(state=state, step=step, meta=meta, records=records)
+
+
+def restore_state(
+    source: Checkpoints, step: int | None, abstract: TrainState, shardings: TrainState
+) -> tuple[TrainState, dict[str, Any]]:
+    """The newest readable checkpoint (not after `step`), its arrays placed straight onto `shardings`."""
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored_step, params, opt_state, meta = source.restore_newest(target.params, target.opt_state, at_most=step)
+    if step is not None and restored_step != step:
+        note(f"checkpoint step {step} does not read back; continuing from step {restored_step} instead")
+    # From numpy, not a jnp array: a process may place host values on a mesh spanning other hosts' devices.
+    step_array = jax.device_put(np.asarray(restored_step, np.int32), shardings.step)
+    rng = jax.device_put(np.asarray(meta["rng"], np.uint32), shardings.rng)
+    return TrainState(params=params, opt_state=opt_state, step=step_array, rng=rng), meta
