@@ -20,10 +20,12 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from gpt2_jax.cli import ArgumentParser, run_cli
-from gpt2_jax.config import DTYPES, count_params
-from gpt2_jax.errors import UsageError, UserError
+from gpt2_jax.config import DTYPES
+from gpt2_jax.errors import UsageError, UserError, short_reason
+from gpt2_jax.io import atomic_directory
+from gpt2_jax.model.params import count_params
 from gpt2_jax.weights.loading import LoadedModel, load_model
-from gpt2_jax.weights.native import atomic_directory, save_native_model
+from gpt2_jax.weights.native import save_native_model
 from gpt2_jax.weights.openai import write_openai_checkpoint
 from gpt2_jax.weights.safetensors_io import write_safetensors_model
 
@@ -74,18 +76,6 @@ def write(directory: Path, model: LoadedModel, to: str, dtype: str) -> None:
         model.tokenizer.save(directory)
 
 
-def write_failure(error: Exception) -> str:
-    """What the disk said, from an OSError or from the message orbax/tensorstore/safetensors wrap it in."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    text = str(error)
-    for reason in ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
-                   "Permission denied"):  # fmt: skip
-        if reason in text:
-            return reason
-    return (text.strip().splitlines() or [type(error).__name__])[0][:200]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -98,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write(tmp, model, args.to, args.dtype)
         except WRITE_ERRORS as e:  # the temporary directory is removed on the way out: nothing half-written stays
             raise UserError(
-                f"Could not write {args.out} ({write_failure(e)}); nothing was written there: free disk space "
+                f"Could not write {args.out} ({short_reason(e)}); nothing was written there: free disk space "
                 "or choose another OUT, then convert again."
             )
     elapsed = time.perf_counter() - start

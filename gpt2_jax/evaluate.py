@@ -1,11 +1,15 @@
-"""Loss and perplexity of a model on a text file or folder, as the standard GPT-2 evaluation computes them.
+"""Loss and perplexity of a model on a dataset, as the standard GPT-2 evaluation computes them.
 
     python -m gpt2_jax.evaluate --model models/124M --data data/shakespeare [--json] [--batch_size 8]
 
-The text (a file, or a folder's .txt/.md files in sorted path order, documents joined by `<|endoftext|>`) is one
-token stream, cut into consecutive non-overlapping windows of n_ctx tokens (the last one shorter). In each window
-the first token is unpredicted and every other token is predicted from those before it in the window; the loss is
-the mean negative log-likelihood (nats) over all predicted tokens, and perplexity is its exponential.
+The data is read as `train.py --dataset` reads it (`gpt2_jax.data`: a file, folder or glob of .txt/.md, .jsonl,
+.csv or pre-tokenized .npy/.bin; documents joined by `<|endoftext|>`; tokenized once into a cache), whole, nothing
+held out. That token stream is cut into consecutive non-overlapping windows of n_ctx tokens (the last one shorter).
+In each window the first token is unpredicted and every other token is predicted from those before it in the
+window; the loss is the mean negative log-likelihood (nats) over all predicted tokens, computed by the training loss
+(`training.step.token_losses`), and perplexity is its exponential.
+
+Axes: W windows in the stream, B windows per forward pass (--batch_size), T = n_ctx tokens per window.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import os
 import sys
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,47 +29,12 @@ from tqdm import tqdm
 
 from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import DTYPES, GPT2Config
+from gpt2_jax.console import note
+from gpt2_jax.data.dataset import read_token_stream
+from gpt2_jax.data.files import find_dataset_files
 from gpt2_jax.errors import UsageError, UserError
-from gpt2_jax.model.transformer import GPT2
-from gpt2_jax.weights.loading import load_model, note
-
-TEXT_SUFFIXES = (".txt", ".md")
-
-
-def text_files(path: Path) -> list[Path]:
-    """The file itself, or a folder's .txt/.md files (recursively, hidden ones skipped) in sorted path order."""
-    if path.is_file():
-        if path.suffix.lower() not in TEXT_SUFFIXES:  # a binary file read as text would give a meaningless number
-            raise UserError(
-                f"{path} is not a .txt or .md file; evaluate reads plain text (rename a plain-text file to .txt)."
-            )
-        return [path]
-    if not path.is_dir():
-        raise UserError(f"No data at {path}; give a text file or a folder of .txt/.md files.")
-    files = sorted(
-        (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES),
-        key=lambda p: p.relative_to(path).as_posix(),
-    )
-    files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(path).parts)]
-    if not files:
-        raise UserError(f"{path} holds no .txt or .md files to evaluate on.")
-    return files
-
-
-def token_stream(files: list[Path], tokenizer) -> np.ndarray:
-    """All files tokenized and joined by `<|endoftext|>`; bytes that are not UTF-8 are replaced and counted."""
-    texts, replaced = [], 0
-    for file in files:
-        raw = file.read_bytes()
-        text = raw.decode("utf-8", errors="replace")
-        replaced += text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
-        texts.append(text)
-    if replaced:
-        note(f"replaced {replaced} invalid UTF-8 sequences in the data with U+FFFD")
-    ids: list[int] = []
-    for i, doc in enumerate(tokenizer.encode_batch(texts)):
-        ids += ([tokenizer.eot_id] if i else []) + list(doc)
-    return np.asarray(ids, np.int64)
+from gpt2_jax.training.step import token_losses
+from gpt2_jax.weights.loading import load_model
 
 
 def windows(tokens: np.ndarray, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,9 +56,7 @@ def window_nll(params, config: GPT2Config, tokens_BT: jax.Array, real_BT: jax.Ar
 
     def one_window(window):
         tokens_T, real_T = window
-        logits_TV = GPT2(config).apply({"params": params}, tokens_T[None])[0, :-1]
-        target_T = jnp.take_along_axis(logits_TV, tokens_T[1:, None], axis=-1)[:, 0]
-        nll_T = jax.nn.logsumexp(logits_TV, axis=-1) - target_T  # = -log_softmax at the target, without a copy
+        nll_T = token_losses(params, config, tokens_T[None])[0]  # T - 1 losses: the targets are tokens_T[1:]
         return jnp.where(real_T[1:], nll_T, 0.0).sum()
 
     return jax.lax.map(one_window, (tokens_BT, real_BT)).sum(), real_BT[:, 1:].sum()
@@ -120,7 +86,9 @@ def evaluate(params, config: GPT2Config, tokens: np.ndarray, *, batch_size: int 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m gpt2_jax.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model path (any format) or preset name")
-    parser.add_argument("--data", required=True, help="a text file, or a folder of .txt/.md files")
+    parser.add_argument(
+        "--data", required=True, help="dataset: a file, folder or glob of .txt/.md, .jsonl, .csv, .npy or .bin files"
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: bf16 on GPU/TPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
@@ -133,9 +101,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    files = text_files(Path(args.data))  # a wrong --data fails before the model is read
+    find_dataset_files(args.data)  # a wrong --data fails before the model is read
     model = load_model(args.model, dtype=args.dtype)
-    tokens = token_stream(files, model.tokenizer)
+    stream = read_token_stream(args.data, model.tokenizer, flag="--data")
+    if stream.n_replaced_bytes:
+        note(f"replaced {stream.n_replaced_bytes} invalid UTF-8 bytes in the data with U+FFFD")
+    tokens = stream.tokens
     if tokens.size and tokens.max() >= model.config.n_vocab:
         raise UserError(
             f"The tokenizer gives ids up to {tokens.max()} but {model.source} has only {model.config.n_vocab} "

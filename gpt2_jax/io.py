@@ -1,20 +1,30 @@
 """File and process helpers shared by every writer and reader.
 
-Nothing is ever left half-written under its final name (`atomic_write_bytes`). Orbax's own failure noise is kept
-off the user's terminal when a read or write fails (`quiet_orbax_failures`): a failed orbax save logs a traceback
-per writer thread through absl, and tensorstore's callbacks then raise 'Event loop is closed' into threads whose
-loop is gone; a failed restore leaves its other reading coroutines to raise when they are collected. Python prints
-those as "Exception ignored in ..." tracebacks, and asyncio logs a failed task nobody awaited as "Task exception
-was never retrieved". The callers (training/checkpoints.py, weights/native.py) already turn the failure itself into
-one sentence; this drops the rest.
+Nothing is ever left half-written under its final name: a file goes through a temporary name
+(`atomic_write_bytes`); a whole directory (a converted model) is filled under a temporary name beside its
+destination and renamed into place (`atomic_directory`). `pid_alive` tells whether the owner of a lock or of a
+temporary file is still running.
+
+Orbax's own failure noise is kept off the user's terminal when a read or write fails (`quiet_orbax_failures`): a
+failed orbax save logs a traceback per writer thread through absl, and tensorstore's callbacks then raise 'Event
+loop is closed' into threads whose loop is gone; a failed restore leaves its other reading coroutines to raise when
+they are collected. Python prints those as "Exception ignored in ..." tracebacks, and asyncio logs a failed task
+nobody awaited as "Task exception was never retrieved". The callers (training/checkpoints.py, weights/native.py)
+already turn the failure itself into one sentence; this drops the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from gpt2_jax.errors import UserError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -73,3 +83,41 @@ def pid_alive(pid: int) -> bool:
     except OSError:  # PermissionError: it exists, owned by another user
         return True
     return True
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `out`; on success it replaces `out` in one rename.
+
+    A non-empty `out` is refused unless `force`; then it is moved aside first and deleted only after the new
+    directory is in place. On failure the temporary directory is removed and `out` is untouched.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is a file; choose a directory name for the output.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty; choose another output directory or pass --force.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        remove_tree(tmp)
+
+
+def remove_tree(path: Path, *, patience_s: float = 5.0) -> None:
+    """Delete a directory that writer threads may still be adding to: after a failed save orbax's background
+    threads finish their writes a moment later, so one rmtree can leave a file (and its folder) behind."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists() or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)

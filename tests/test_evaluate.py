@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -18,10 +19,12 @@ from reference import hf_model_from_params
 from gpt2_jax import evaluate
 from gpt2_jax.cli import run_cli
 from gpt2_jax.config import get_config
+from gpt2_jax.data.dataset import read_token_stream
 from gpt2_jax.errors import UserError
-from gpt2_jax.model.transformer import init_params
+from gpt2_jax.io import atomic_directory
+from gpt2_jax.model.transformer import GPT2, init_params
 from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer
-from gpt2_jax.weights.native import atomic_directory, save_native_model
+from gpt2_jax.weights.native import save_native_model
 
 REPO = Path(__file__).parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "gpt2-tiny"
@@ -57,53 +60,89 @@ def pytorch_loss(params, tokens: np.ndarray) -> tuple[float, int]:
 
 
 @pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, params) -> Path:
+    out = tmp_path_factory.mktemp("model") / "model"
+    with atomic_directory(out) as tmp:
+        save_native_model(tmp, params, CONFIG, gpt2_tokenizer())
+    return out
+
+
+@pytest.fixture(scope="module")
 def result(text_file, params) -> dict:
-    tokens = evaluate.token_stream([text_file], gpt2_tokenizer())
+    tokens = read_token_stream(str(text_file), gpt2_tokenizer(), progress=False).tokens
     return evaluate.evaluate(params, CONFIG, tokens, batch_size=5, progress=False)  # the last batch is padded
 
 
-def test_loss_equals_pytorch_reference_with_identical_windowing(text_file, params, result):
-    tokens = evaluate.token_stream([text_file], gpt2_tokenizer())
+def numpy_loss(params, tokens: list[int]) -> float:
+    """The same windowing scored from the model's logits with a float64 numpy log-softmax."""
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), CONFIG.n_ctx):
+        window = np.asarray(tokens[start : start + CONFIG.n_ctx], np.int32)
+        logits_TV = np.asarray(GPT2(CONFIG).apply({"params": params}, window[None])[0, :-1], np.float64)
+        shifted_TV = logits_TV - logits_TV.max(axis=-1, keepdims=True)
+        log_probs_TV = shifted_TV - np.log(np.exp(shifted_TV).sum(axis=-1, keepdims=True))
+        total -= log_probs_TV[np.arange(len(window) - 1), window[1:]].sum()
+        count += len(window) - 1
+    return total / count
+
+
+def run_json(capsys, model_dir: Path, data: Path) -> tuple[dict, str]:
+    """evaluate's --json record and what it printed on stderr."""
+    assert evaluate.main(["--model", str(model_dir), "--data", str(data), "--json"]) == 0
+    out, err = capsys.readouterr()
+    return json.loads(out), err
+
+
+def test_text_file_loss_equals_pytorch_reference_with_identical_windowing(text_file, params, result):
+    tokens = gpt2_tokenizer().encode(text_file.read_text(encoding="utf-8"))
+    assert read_token_stream(str(text_file), gpt2_tokenizer(), progress=False).tokens.tolist() == tokens
     assert len(tokens) % CONFIG.n_ctx > 1 and len(tokens) > 5 * CONFIG.n_ctx  # short last window, padded batch
-    loss, count = pytorch_loss(params, tokens)
+    loss, count = pytorch_loss(params, np.asarray(tokens))
     n_windows = -(-len(tokens) // CONFIG.n_ctx)
     assert result["tokens"] == count == len(tokens) - n_windows and result["windows"] == n_windows
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
 
 
-def test_folder_is_read_in_sorted_path_order_joined_by_end_of_text(tmp_path):
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "2.txt").write_text("second document")
-    (tmp_path / "a.md").write_text("first one")
-    (tmp_path / ".hidden.txt").write_text("never read")
-    (tmp_path / "weights.bin").write_bytes(b"\x00\x01")
+DOCUMENTS = ["To be, or not to be, that is the question: " * 16, "Whether 'tis nobler in the mind to suffer " * 12]
+
+
+@pytest.mark.parametrize("extension", [".jsonl", ".csv", ".npy", ".bin"])
+def test_every_dataset_format_train_takes_evaluates(tmp_path, capsys, params, model_dir, extension):
     tokenizer = gpt2_tokenizer()
-    files = evaluate.text_files(tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a.md", "b/2.txt"]
-    expected = tokenizer.encode("first one") + [50256] + tokenizer.encode("second document")
-    assert evaluate.token_stream(files, tokenizer).tolist() == expected
+    tokens = tokenizer.encode(DOCUMENTS[0]) + [tokenizer.eot_id] + tokenizer.encode(DOCUMENTS[1])
+    data = tmp_path / f"docs{extension}"
+    if extension == ".jsonl":
+        data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS), encoding="utf-8")
+    elif extension == ".csv":
+        with open(data, "w", encoding="utf-8", newline="") as f:
+            csv.writer(f).writerows([["id", "text"], *enumerate(DOCUMENTS)])
+    elif extension == ".npy":
+        np.save(data, np.asarray(tokens, np.int32))  # not the cache's uint16: converted through the cache
+    else:
+        np.asarray(tokens, "<u2").tofile(data)  # nanoGPT's layout, mapped directly
+    record, _ = run_json(capsys, model_dir, data)
+    assert 2 * CONFIG.n_ctx < len(tokens) < 3 * CONFIG.n_ctx  # three windows, the last one short
+    assert record["tokens"] == len(tokens) - 3 and record["windows"] == 3
+    assert record["loss"] == pytest.approx(numpy_loss(params, tokens), rel=1e-5)
 
 
-def test_invalid_utf8_is_replaced_and_counted_and_empty_data_is_refused(tmp_path, capsys):
+def test_invalid_utf8_is_replaced_and_counted_and_too_little_data_is_refused(tmp_path, capsys, model_dir):
     (tmp_path / "latin1.txt").write_bytes("café crème".encode("latin-1"))
-    tokens = evaluate.token_stream([tmp_path / "latin1.txt"], gpt2_tokenizer())
-    assert gpt2_tokenizer().decode(tokens.tolist()) == "caf\ufffd cr\ufffdme"
-    assert "replaced 2 invalid UTF-8 sequences" in capsys.readouterr().err
-    (tmp_path / "empty.txt").write_text("")
-    empty = evaluate.token_stream([tmp_path / "empty.txt"], gpt2_tokenizer())
+    record, err = run_json(capsys, model_dir, tmp_path / "latin1.txt")
+    assert record["tokens"] == len(gpt2_tokenizer().encode("caf\ufffd cr\ufffdme")) - 1
+    assert "note: replaced 2 invalid UTF-8 bytes in the data with U+FFFD" in err
+    (tmp_path / "one.txt").write_text("hello")  # one token: nothing to predict
     with pytest.raises(UserError, match="fewer than 2 tokens"):
-        evaluate.evaluate({}, CONFIG, empty, progress=False)
-    (tmp_path / "no_text").mkdir()
-    with pytest.raises(UserError, match=r"holds no \.txt or \.md files"):
-        evaluate.text_files(tmp_path / "no_text")
+        evaluate.main(["--model", str(model_dir), "--data", str(tmp_path / "one.txt")])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match=r"holds no text: 1 file.* point --data elsewhere"):
+        evaluate.main(["--model", str(model_dir), "--data", str(tmp_path / "empty.txt")])
 
 
-def test_command_prints_json_with_the_same_numbers(text_file, params, result, tmp_path):
-    with atomic_directory(tmp_path / "model") as tmp:
-        save_native_model(tmp, params, CONFIG, gpt2_tokenizer())
+def test_command_prints_json_with_the_same_numbers(text_file, result, model_dir):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    args = ["--model", str(tmp_path / "model"), "--data", str(text_file), "--json", "--batch_size", "3"]
+    args = ["--model", str(model_dir), "--data", str(text_file), "--json", "--batch_size", "3"]
     completed = subprocess.run(
         [sys.executable, "-m", "gpt2_jax.evaluate", *args], capture_output=True, text=True, env=env, cwd=REPO
     )
@@ -120,11 +159,14 @@ def test_command_prints_json_with_the_same_numbers(text_file, params, result, tm
         (["--model", str(FIXTURE / "hf")], 1, r"ids up to \d+ but .* has only 1000 tokens; put the model's own"),
         (["--model", "tiny", "--batch_size", "0"], 2, "--batch_size must be positive"),
         (["--model", "no/such/model"], 1, "No model at no/such/model"),
+        # --data is checked before the model is read
+        (["--model", "no/such/model", "--data", "no/such/data.txt"], 1, "Dataset path no/such/data.txt does not exist"),
+        (["--model", "tiny", "--data", str(REPO / "pyproject.toml")], 1, r"pyproject.toml has an extension this"),
     ],
 )
 def test_bad_input_is_one_sentence(text_file, capsys, args, code, message):
     with pytest.raises(SystemExit) as info:
-        run_cli(evaluate.main, [*args, "--data", str(text_file)])
+        run_cli(evaluate.main, args if "--data" in args else [*args, "--data", str(text_file)])
     assert info.value.code == code
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err

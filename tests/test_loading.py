@@ -23,10 +23,11 @@ from safetensors.numpy import save_file
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UserError
+from gpt2_jax.io import atomic_directory
 from gpt2_jax.model.transformer import GPT2
 from gpt2_jax.tokenizers.gpt2_bpe import PACKAGED_GPT2_DIR
 from gpt2_jax.weights.loading import default_compute_dtype, detect_format, load_model
-from gpt2_jax.weights.native import atomic_directory, save_native_model, write_model_json
+from gpt2_jax.weights.native import save_native_model, write_model_json
 from gpt2_jax.weights.openai import params_to_tf_tensors
 from gpt2_jax.weights.tf_bundle import write_checkpoint
 

@@ -17,15 +17,9 @@ import regex
 import sentencepiece as spm
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.tokenizers.gpt2_bpe import (
-    PACKAGED_GPT2_DIR,
-    GPT2Tokenizer,
-    SentencePieceTokenizer,
-    Tokenizer,
-    gpt2_tokenizer,
-    load_tokenizer,
-)
-from gpt2_jax.tokenizers.sentencepiece import train_sentencepiece
+from gpt2_jax.tokenizers.base import Tokenizer
+from gpt2_jax.tokenizers.gpt2_bpe import PACKAGED_GPT2_DIR, GPT2Tokenizer, gpt2_tokenizer, load_tokenizer
+from gpt2_jax.tokenizers.sentencepiece import SentencePieceTokenizer, train_sentencepiece
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "hamlet_gut.txt"
 

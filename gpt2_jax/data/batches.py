@@ -94,8 +94,3 @@ def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int) -> Iterator[
     windows = _windows(tokens, seq_len)[::seq_len]
     for start in range(0, len(windows), batch_size):
         yield windows[start : start + batch_size].astype(np.int32)
-
-
-def n_eval_windows(n_tokens: int, seq_len: int) -> int:
-    """How many windows `eval_windows` yields over `n_tokens` tokens."""
-    return max(0, (n_tokens - 1) // seq_len)

@@ -22,6 +22,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gpt2_jax.io import pid_alive
+from gpt2_jax.tokenizers.base import Tokenizer
+
 MAGIC = b"GPT2JAX-TOKENS1\n"
 HEADER_BYTES = 256
 CONTENT_HASH_LIMIT = 256 << 20  # above this many bytes of data, key on size + mtime instead of reading it all
@@ -40,13 +43,13 @@ def cache_name(stem: str, tokenizer_tag: str, key: str) -> str:
     return f"{stem}.tokens.{tokenizer_tag}.{key[:16]}.cache"
 
 
-def tokenizer_tag(tokenizer) -> str:
+def tokenizer_tag(tokenizer: Tokenizer) -> str:
     """A short file-name-safe identity: the tokenizer's name plus 8 hex digits of its vocabulary fingerprint."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(tokenizer.name))[:32] or "tokenizer"
     return f"{name}-{hashlib.sha256(tokenizer_fingerprint(tokenizer).encode()).hexdigest()[:8]}"
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     """What changes when the vocabulary does: the tokenizer's own `fingerprint`, or a hash of its decoded vocabulary."""
     own = getattr(tokenizer, "fingerprint", None)
     if own:
@@ -158,16 +161,6 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def _remove_stale(path: str) -> None:
     """Delete caches of the same stem + tokenizer with another key, and temporary files of dead processes."""
     folder, name = os.path.split(path)
@@ -177,7 +170,7 @@ def _remove_stale(path: str) -> None:
         if other == name or not stale.match(other):
             continue
         temp = _TEMP_SUFFIX.search(other)
-        if temp and _pid_alive(int(temp.group(1))):
+        if temp and pid_alive(int(temp.group(1))):
             continue  # another process is writing it right now
         try:
             os.remove(os.path.join(folder, other))

@@ -1,8 +1,10 @@
-"""Training data: find the files, read them, tokenize once, keep the tokens as a memory-mapped array.
+"""Datasets: find the files, read them, tokenize once, keep the tokens as a memory-mapped array.
 
-`load_dataset(path, tokenizer)` takes a file, a folder (read recursively, in sorted path order, skipping hidden
-files and files of other types) or a glob (`'data/**/*.txt'`) of .txt/.md text, .jsonl (a "text" field per line),
-.csv (a "text" column, else the first) and pre-tokenized .npy/.bin token files; `data_files.py` reads them.
+`read_token_stream(path, tokenizer)` is a whole dataset as one token stream (what `evaluate` scores);
+`load_dataset(path, tokenizer)` is that stream split for training and validation. A path is a file, a folder
+(read recursively, in sorted path order, skipping hidden files and files of other types) or a glob
+(`'data/**/*.txt'`) of .txt/.md text, .jsonl (a "text" field per line), .csv (a "text" column, else the first) and
+pre-tokenized .npy/.bin token files; `files.py` reads them.
 
 Documents are joined by the tokenizer's real end-of-text token (id 50256 for GPT-2), added between documents
 (not where a pre-tokenized file already ends with it). A literal "<|endoftext|>" typed inside the text is NOT a
@@ -11,7 +13,7 @@ Bytes that are not valid UTF-8 are replaced by U+FFFD and counted (`n_replaced_b
 byte-order mark at the start of a file is dropped.
 
 Tokenizing runs once, in parallel threads, with a progress bar on stderr; the tokens go to a uint16 (vocabularies
-up to 65,536 ids) or uint32 cache file (see `token_cache.py`) beside the data: next to a file, inside a folder, in
+up to 65,536 ids) or uint32 cache file (see `cache.py`) beside the data: next to a file, inside a folder, in
 the glob's common folder, or in `cache_dir` (also the fallback, ~/.cache/gpt2_jax, when that place is read-only).
 The cache key hashes the files' paths and contents and the tokenizer's vocabulary, so a second run starts at once
 and an edited file is re-tokenized. A single pre-tokenized file already in the right dtype is mapped directly.
@@ -28,7 +30,6 @@ import hashlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -37,12 +38,21 @@ from gpt2_jax.data import cache as token_cache
 from gpt2_jax.data import files as data_files
 from gpt2_jax.data.files import TOKEN_EXTENSIONS, DatasetFiles, Piece, find_dataset_files
 from gpt2_jax.errors import UsageError, UserError
-
-if TYPE_CHECKING:
-    from gpt2_jax.tokenizers.gpt2_bpe import Tokenizer
+from gpt2_jax.tokenizers.base import Tokenizer
 
 READER_VERSION = "data-v1"  # bump when reading or joining changes, so old caches are not reused
 GROUP_CHARS: int | None = None  # text per encode_batch call (one progress update); None: two pieces per thread
+
+
+@dataclasses.dataclass
+class TokenStream:
+    """One dataset path read whole: every document's tokens, joined by end-of-text, nothing held out."""
+
+    tokens: np.ndarray  # 1-D uint16 (n_vocab <= 65536) or uint32 token ids, usually a read-only memmap
+    n_documents: int  # files, jsonl lines, csv rows
+    n_replaced_bytes: int  # invalid UTF-8 bytes replaced by U+FFFD
+    source: str  # what was read, in words
+    cache_path: str | None = None  # the token cache, when one was used
 
 
 @dataclasses.dataclass
@@ -74,11 +84,13 @@ def load_dataset(
         raise UsageError(f"--val_fraction must be at least 0 and below 1, got {val_fraction}.")
     if seq_len is not None and seq_len < 1:
         raise UsageError(f"--seq_len must be a positive number of tokens, got {seq_len}.")
-    tokens, n_docs, n_replaced, source, cache_path = _dataset_tokens(path, tokenizer, cache_dir, progress)
+    stream = read_token_stream(path, tokenizer, cache_dir=cache_dir, progress=progress)
+    tokens, n_docs, n_replaced, source = stream.tokens, stream.n_documents, stream.n_replaced_bytes, stream.source
     if val_path is not None:
         train = tokens
-        val, val_docs, val_replaced, val_source, _ = _dataset_tokens(val_path, tokenizer, cache_dir, progress)
-        n_docs, n_replaced, source = n_docs + val_docs, n_replaced + val_replaced, f"{source}; validation: {val_source}"
+        held = read_token_stream(val_path, tokenizer, cache_dir=cache_dir, progress=progress)
+        val, n_docs, n_replaced = held.tokens, n_docs + held.n_documents, n_replaced + held.n_replaced_bytes
+        source = f"{source}; validation: {held.source}"
     elif val_fraction > 0:
         n_val = max(1, round(len(tokens) * val_fraction))
         train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
@@ -90,7 +102,7 @@ def load_dataset(
         held = f", {len(val):,} held out for validation" if val is not None else ""
         fixed = f", {n_replaced:,} invalid UTF-8 bytes replaced" if n_replaced else ""
         print(f"dataset: {source}: {len(train):,} training tokens{held}{fixed}", file=sys.stderr)
-    return TokenDataset(train, val, n_docs, n_replaced, source, cache_path)
+    return TokenDataset(train, val, n_docs, n_replaced, source, stream.cache_path)
 
 
 def _check_long_enough(train, val, seq_len, path, val_path, val_fraction) -> None:
@@ -111,8 +123,19 @@ def _check_long_enough(train, val, seq_len, path, val_path, val_fraction) -> Non
 
 
 # --- tokens for one dataset path: cached, or mapped directly -----------------------------------------------------
-def _dataset_tokens(path, tokenizer, cache_dir, progress) -> tuple[np.ndarray, int, int, str, str | None]:
-    """(tokens, n_documents, n_replaced_bytes, source, cache_path) for one dataset path."""
+def read_token_stream(
+    path: str,
+    tokenizer: Tokenizer,
+    *,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    flag: str = "--dataset",
+) -> TokenStream:
+    """The whole dataset at `path` as one token stream (see the module docstring for formats, joining, caching).
+
+    `progress` shows the tokenizing bar on stderr; `flag` is the command-line flag that named `path`, for the
+    error sentences.
+    """
     files = find_dataset_files(path)
     source = path if len(files.paths) == 1 else f"{path} ({len(files.paths)} files)"
     dtype = np.dtype(np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32)
@@ -121,8 +144,8 @@ def _dataset_tokens(path, tokenizer, cache_dir, progress) -> tuple[np.ndarray, i
         if tokens.dtype == dtype:  # already what training reads: map it, no copy
             data_files.check_ids(tokens, files.paths[0], tokenizer.n_vocab)
             if not len(tokens):
-                raise UserError(f"Dataset file {path} holds no tokens; point --dataset at a non-empty file.")
-            return tokens, 1, 0, source, None
+                raise UserError(f"Dataset file {path} holds no tokens; point {flag} at a non-empty file.")
+            return TokenStream(tokens, 1, 0, source)
     tag = token_cache.tokenizer_tag(tokenizer)
     key = token_cache.content_key(
         files.paths, files.root, f"{READER_VERSION}|{dtype.name}|{token_cache.tokenizer_fingerprint(tokenizer)}"
@@ -132,7 +155,7 @@ def _dataset_tokens(path, tokenizer, cache_dir, progress) -> tuple[np.ndarray, i
         cached = token_cache.read_cache(cache_path, key)
         if cached is not None:
             tokens, header = cached
-            return tokens, header["n_documents"], header["n_replaced_bytes"], source, cache_path
+            return TokenStream(tokens, header["n_documents"], header["n_replaced_bytes"], source, cache_path)
     for cache_path in places:
         try:
             os.makedirs(os.path.dirname(cache_path), exist_ok=True)
@@ -145,12 +168,12 @@ def _dataset_tokens(path, tokenizer, cache_dir, progress) -> tuple[np.ndarray, i
                 if writer.n_tokens == 0:
                     raise UserError(
                         f"Dataset {path} holds no text: {len(files.paths)} file(s) read, 0 tokens; "
-                        "add text or point --dataset elsewhere."
+                        f"add text or point {flag} elsewhere."
                     )
                 tokens = writer.commit(n_documents=n_docs, n_replaced_bytes=n_replaced)
             except OSError as e:  # reading errors are UserErrors already: this is the cache's disk
                 raise UserError(f"Cannot write the token cache {cache_path}: {e.strerror or e}; free space there.")
-        return tokens, n_docs, n_replaced, source, cache_path
+        return TokenStream(tokens, n_docs, n_replaced, source, cache_path)
     raise UserError(f"No writable folder for the token cache of {path} (tried {', '.join(places)}); pass cache_dir.")
 
 
@@ -163,7 +186,9 @@ def _cache_places(files: DatasetFiles, tag: str, key: str, cache_dir: str | None
     return [far] if cache_dir else [os.path.join(files.root, token_cache.cache_name(files.stem, tag, key)), far]
 
 
-def _tokenize_into(writer: token_cache.CacheWriter, files: DatasetFiles, tokenizer, progress: bool) -> tuple[int, int]:
+def _tokenize_into(
+    writer: token_cache.CacheWriter, files: DatasetFiles, tokenizer: Tokenizer, progress: bool
+) -> tuple[int, int]:
     """Read every file, tokenize in parallel, append to `writer`; returns (n_documents, n_replaced_bytes)."""
     can_cut = data_files.cuts_are_exact(tokenizer)
     total = sum(os.path.getsize(f) for f in files.paths)
@@ -175,7 +200,7 @@ def _tokenize_into(writer: token_cache.CacheWriter, files: DatasetFiles, tokeniz
     return n_docs, data_files.replaced_count()
 
 
-def _encode_pieces(pieces: Iterator[Piece], tokenizer, writer: token_cache.CacheWriter, bar: tqdm) -> int:
+def _encode_pieces(pieces: Iterator[Piece], tokenizer: Tokenizer, writer: token_cache.CacheWriter, bar: tqdm) -> int:
     """Encode text pieces in parallel batches, in order, with the end-of-text id between documents."""
     eot = np.array([tokenizer.eot_id], writer.dtype)
     threads = min(32, os.cpu_count() or 1)

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from gpt2_jax.errors import UserError
+from gpt2_jax.tokenizers.base import Tokenizer
 
 TEXT_EXTENSIONS = (".txt", ".md")
 TOKEN_EXTENSIONS = (".npy", ".bin")
@@ -222,7 +223,7 @@ def _last_cut(text: str, limit: int) -> int:
 _CUT_PROBES = ("Hello world.", "two  spaces", "line one.\nLine two", "tab\there", "x \n\n y 12 34", "don't 's go")
 
 
-def cuts_are_exact(tokenizer) -> bool:
+def cuts_are_exact(tokenizer: Tokenizer) -> bool:
     """Whether cutting text at `_CUT` boundaries leaves its tokens unchanged (always for GPT-2's BPE, whose
     pre-tokenizer never joins a non-space to the whitespace after it); other tokenizers are probed."""
     for text in _CUT_PROBES:

@@ -1,5 +1,5 @@
-"""Tokenizers behind one small interface (`Tokenizer`): GPT-2's byte-level BPE (tiktoken, offline), and
-`load_tokenizer`, which finds the one saved beside a model (SentencePiece lives in sentencepiece_tokenizer.py).
+"""GPT-2's byte-level BPE (tiktoken, offline), and `load_tokenizer`, which finds the tokenizer saved beside a
+model: this one, or a SentencePiece model (sentencepiece.py). Both implement `base.Tokenizer`.
 
 GPT-2's BPE is built from the release's own `encoder.json` + `vocab.bpe` (the package ships a copy; a model
 directory's copies win), so nothing is downloaded and ids equal OpenAI's encoder. tiktoken ranks tokens by id, which
@@ -24,11 +24,6 @@ from gpt2_jax.errors import UserError
 from gpt2_jax.io import atomic_write_bytes
 from gpt2_jax.tokenizers.base import EOT, Tokenizer, id_list, model_dir, read_bytes
 from gpt2_jax.tokenizers.sentencepiece import SENTENCEPIECE_FILE, SentencePieceTokenizer
-
-__all__ = [
-    "EOT", "PACKAGED_GPT2_DIR", "GPT2Tokenizer", "SentencePieceTokenizer", "Tokenizer", "gpt2_tokenizer",
-    "load_tokenizer",
-]  # fmt: skip
 
 # OpenAI's encoder.py pattern, as released (tiktoken writes the contractions as one group; same matches).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -180,7 +175,7 @@ def gpt2_tokenizer(directory: str | os.PathLike | None = None) -> GPT2Tokenizer:
     return GPT2Tokenizer(*(files or (PACKAGED_GPT2_DIR / "encoder.json", PACKAGED_GPT2_DIR / "vocab.bpe")))
 
 
-def load_tokenizer(directory: str | os.PathLike | None = None) -> GPT2Tokenizer | SentencePieceTokenizer:
+def load_tokenizer(directory: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer saved beside a model: tokenizer.model -> SentencePiece, else GPT-2's BPE (its own or packaged)."""
     if directory is None:
         return gpt2_tokenizer()

@@ -44,24 +44,20 @@ def write_checksums(directory: str | os.PathLike, parts: Sequence[str]) -> None:
     atomic_write_bytes(directory / CHECKSUM_FILE, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def has_checksums(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / CHECKSUM_FILE).is_file()
-
-
 def verify_checksums(
     directory: str | os.PathLike, part: str | None = None, *, advice: str = "use another copy"
-) -> bool:
+) -> None:
     """Check the files recorded for `directory` (only those under `part`, when given) against their checksums.
 
-    Returns False when there is nothing to check against (no checksum file); raises UserError naming the first
-    damaged file, ending with `advice`.
+    Nothing to check against (no checksum file) passes; a damaged file raises a UserError naming it, ending with
+    `advice`.
     """
     directory = Path(directory)
     try:
         files = json.loads((directory / CHECKSUM_FILE).read_text(encoding="utf-8"))["files"]
         entries = sorted((str(name), int(size), int(crc)) for name, (size, crc) in files.items())
     except FileNotFoundError:
-        return False
+        return
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise UserError(f"{directory / CHECKSUM_FILE} is unreadable ({e}), so {directory} cannot be trusted; {advice}.")
     for name, size, crc in entries:
@@ -77,4 +73,3 @@ def verify_checksums(
             problem = f"{name} does not match the checksum saved with it"
         if problem:
             raise UserError(f"{directory} is damaged: {problem}; {advice}.")
-    return True

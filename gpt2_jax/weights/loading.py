@@ -15,16 +15,18 @@ match a released GPT-2 exactly select that preset. The tokenizer is the model di
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 
 from gpt2_jax.config import DTYPES, PRESETS, GPT2Config, get_config, preset_names
+from gpt2_jax.console import note
 from gpt2_jax.errors import UserError
+from gpt2_jax.model.params import parse_name
 from gpt2_jax.model.transformer import init_params
+from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.tokenizers.gpt2_bpe import load_tokenizer
 from gpt2_jax.weights import native, openai, safetensors_io
 from gpt2_jax.weights.huggingface import params_from_hf_state_dict
@@ -37,7 +39,7 @@ RELEASED_SIZES = ("124M", "355M", "774M", "1558M")
 class LoadedModel:
     config: GPT2Config  # architecture; dtype is the compute dtype asked for (params stay float32)
     params: dict  # our params pytree, float32 numpy or jax arrays
-    tokenizer: Any  # gpt2_jax.tokenizers.gpt2_bpe.load_tokenizer(...) result
+    tokenizer: Tokenizer  # the model's own (gpt2_jax.tokenizers.gpt2_bpe.load_tokenizer)
     source: str  # human-readable origin, e.g. "OpenAI checkpoint models/124M"
     ignored: tuple[str, ...] = ()  # names of tensors in the checkpoint that are not model weights
 
@@ -55,11 +57,6 @@ class Weights(NamedTuple):
 def default_compute_dtype() -> str:
     """bfloat16 on GPU/TPU (fp32 params, fp32 softmax and logits), float32 on CPU where bf16 matmuls are slow."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def note(message: str) -> None:
-    """A one-line remark for the user on stderr (stdout stays clean for samples and --json output)."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def detect_format(path: Path) -> str:
@@ -134,7 +131,8 @@ def _read_hf(path: Path) -> Weights:
         shapes = {k.removeprefix("transformer."): s for k, s in state.shapes().items()}
         if "wte.weight" not in shapes or "wpe.weight" not in shapes:
             raise UserError(f"{path} holds no GPT-2 weights (no wte.weight); is it a GPT-2 model?")
-        n_layer = len({k.split(".")[1] for k in shapes if k.startswith("h.")})
+        found = (parse_name("hf", k) for k in shapes)
+        n_layer = len({layer for param, layer in filter(None, found) if param.per_layer})
         (n_vocab, n_embd), n_ctx = shapes["wte.weight"], shapes["wpe.weight"][0]
         sizes = {"n_vocab": n_vocab, "n_ctx": n_ctx, "n_embd": n_embd, "n_layer": n_layer}
         config = _released_config(sizes, path, "config.json")
@@ -145,7 +143,10 @@ def _read_hf(path: Path) -> Weights:
 def _read_run(path: Path, fmt: str) -> Weights:
     run_dir = path.parent.parent if fmt == "step" else path
     config = native.read_model_json(run_dir)
-    steps = [path] if fmt == "step" else native.checkpoint_steps(run_dir)
+    if fmt == "step":
+        steps = [path]
+    else:  # newest first
+        steps = [run_dir / "checkpoints" / str(s) for s in reversed(native.complete_steps(run_dir / "checkpoints"))]
     if not steps:
         raise UserError(f"Training run {run_dir} has no complete checkpoint yet; train it or pick another model.")
     for step_dir in steps[:-1]:

@@ -18,8 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gpt2_jax.config import GPT2Config, naming_the_file
-from gpt2_jax.errors import UserError
+from gpt2_jax.errors import UserError, first_line, root_cause
 from gpt2_jax.io import atomic_write_bytes, quiet_orbax_failures
 from gpt2_jax.model.transformer import abstract_params
+from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.weights.checksums import verify_checksums, write_checksums
 
 CONFIG_FILE = "gpt2_jax.json"
@@ -89,7 +88,7 @@ def load_params(params_dir: str | os.PathLike, config: GPT2Config) -> dict:
             stored = checkpointer.metadata(params_dir).item_metadata
             stored = stored.tree if hasattr(stored, "tree") else stored
         except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"Cannot read the params checkpoint {params_dir} ({_first_line(e)}); convert it again.")
+            raise UserError(f"Cannot read the params checkpoint {params_dir} ({first_line(e)}); convert it again.")
         stored_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree.leaves_with_path(stored)}
         for key, leaf in jax.tree.leaves_with_path(target):
             name = jax.tree_util.keystr(key)
@@ -102,8 +101,7 @@ def load_params(params_dir: str | os.PathLike, config: GPT2Config) -> dict:
             return checkpointer.restore(params_dir, target)
         except Exception as e:  # orbax wraps tensorstore's errors (truncated, corrupt data) in a bare Exception
             raise UserError(
-                f"The params checkpoint {params_dir} is damaged ({_first_line(_root_cause(e))}); "
-                "use another checkpoint."
+                f"The params checkpoint {params_dir} is damaged ({first_line(root_cause(e))}); use another checkpoint."
             )
 
 
@@ -120,21 +118,10 @@ def _quiet_absl() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    """The innermost exception of a chain: tensorstore's own message ('Data corruption detected', ...)."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def save_native_model(
-    directory: str | os.PathLike, params: Mapping[str, Any], config: GPT2Config, tokenizer: Any
+    directory: str | os.PathLike, params: Mapping[str, Any], config: GPT2Config, tokenizer: Tokenizer
 ) -> None:
-    """Fill `directory` (normally the temporary one of `atomic_directory`) with a native model."""
+    """Fill `directory` (normally the temporary one of `io.atomic_directory`) with a native model."""
     directory = Path(directory)
     save_params(directory / "params", params)
     write_checksums(directory, ["params"])
@@ -150,46 +137,14 @@ def is_run_directory(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / "checkpoints").is_dir()
 
 
-def checkpoint_steps(run_dir: Path) -> list[Path]:
-    """Finalised step directories of a run (`checkpoints/<step>`), newest first; orbax's unfinished ones skipped."""
-    root = run_dir / "checkpoints"
-    steps = [p for p in root.iterdir() if p.name.isdigit() and p.is_dir() and ocp.utils.is_checkpoint_finalized(p)]
-    return sorted(steps, key=lambda p: int(p.name), reverse=True)
+def complete_steps(checkpoints_dir: Path) -> list[int]:
+    """Steps of a run's `checkpoints/` directory that orbax finalised, oldest first, read without creating anything.
 
-
-@contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `out`; on success it replaces `out` in one rename.
-
-    A non-empty `out` is refused unless `force`; then it is moved aside first and deleted only after the new
-    directory is in place. On failure the temporary directory is removed and `out` is untouched.
-    """
-    out = Path(out).absolute()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is a file; choose a directory name for the output.")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty; choose another output directory or pass --force.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        remove_tree(tmp)
-
-
-def remove_tree(path: Path, *, patience_s: float = 5.0) -> None:
-    """Delete a directory that writer threads may still be adding to: after a failed save orbax's background
-    threads finish their writes a moment later, so one rmtree can leave a file (and its folder) behind."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        shutil.rmtree(path, ignore_errors=True)
-        if not path.exists() or time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
+    Only `<step>` directories count: orbax's `<step>.orbax-checkpoint-tmp-...` (a save still running, or killed)
+    and anything else found there are not checkpoints."""
+    if not checkpoints_dir.is_dir():
+        return []
+    done = [
+        p for p in checkpoints_dir.iterdir() if p.name.isdigit() and p.is_dir() and ocp.utils.is_checkpoint_finalized(p)
+    ]
+    return sorted(int(p.name) for p in done)
