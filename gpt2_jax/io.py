@@ -109,15 +109,22 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        remove_tree(tmp)
+        if tmp.exists():  # a failure: writer threads of a failed save may still be adding to it
+            remove_tree(tmp)
 
 
-def remove_tree(path: Path, *, patience_s: float = 5.0) -> None:
+def remove_tree(path: Path, *, patience_s: float = 60.0, settle_s: float = 0.5) -> None:
     """Delete a directory that writer threads may still be adding to: after a failed save orbax's background
-    threads finish their writes a moment later, so one rmtree can leave a file (and its folder) behind."""
+    threads finish their writes a moment later, so one rmtree can leave a file (and its folder) behind, or a late
+    write can bring the folder back. Done when it has stayed gone for `settle_s`; `patience_s` is only a hang guard
+    (generous, since a loaded machine runs those threads late)."""
     deadline = time.monotonic() + patience_s
     while True:
         shutil.rmtree(path, ignore_errors=True)
-        if not path.exists() or time.monotonic() > deadline:
+        if not path.exists():
+            time.sleep(settle_s)
+            if not path.exists():
+                return
+        if time.monotonic() > deadline:
             return
         time.sleep(0.05)

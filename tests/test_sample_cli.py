@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +50,7 @@ def start(args: list[str], command: tuple[str, ...] = (str(ROOT / "sample.py"),)
 
 
 def finish(proc: subprocess.Popen, stdin: bytes = b"") -> tuple[int, str, str]:
-    out, err = proc.communicate(stdin, timeout=240)
+    out, err = proc.communicate(stdin, timeout=900)
     return proc.returncode, out.decode("utf-8"), err.decode("utf-8")
 
 
@@ -125,12 +124,10 @@ def test_bad_flags_exit_2_with_one_sentence(runs, capsys, name):
 
 def test_ctrl_c_at_the_prompt_leaves_cleanly(runs):
     proc = runs["ctrl_c"]
-    deadline = time.monotonic() + 120
-    seen = b""
-    while not seen.endswith(b">>> ") and time.monotonic() < deadline:
+    seen = b""  # however long loading takes on a busy machine: SIGINT must arrive at the prompt, not before it
+    while not seen.endswith(b">>> "):
         more = proc.stdout.read1(64)
-        if not more:
-            break
+        assert more, f"sample.py ended before its prompt: {seen[-500:]!r}"
         seen += more
     proc.send_signal(signal.SIGINT)
     code, _, err = finish(proc)

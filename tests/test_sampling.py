@@ -303,6 +303,6 @@ def test_same_seed_same_samples_on_one_device_or_several(gpt2_vocab, tmp_path):
     cmd = [sys.executable, "-c", MULTI_DEVICE_SCRIPT, json.dumps(config.to_hparams()), str(tmp_path / "params.npz")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     here = generate_text(params, config, sampler.tokenizer, ["A", ""], nsamples_per_prompt=2, length=10, seed=9)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     assert json.loads(out.splitlines()[-1]) == [4, here]

@@ -155,7 +155,7 @@ def test_data_parallel_and_accumulation_match_one_device():
     micro-batches all equal 1 device x 8 rows (<= 1e-5), 3 steps."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        [sys.executable, "-c", PARALLEL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", PARALLEL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])

@@ -4,27 +4,28 @@ Each step directory holds three items: `params` and `opt_state` (StandardSave py
 `params` alone) and `meta` (JSON: step, rng, data position, tokens seen, ...). Saves are asynchronous: training goes
 on while the arrays are written, `wait()` blocks until the last one is complete, and orbax writes each step under a
 temporary name (`N.orbax-checkpoint-tmp`) that is renamed only when complete, so a run killed mid-save leaves a
-temporary directory that is never loaded (it is reported, then removed). Restores use abstract targets
-(shape, dtype, sharding) so the optax NamedTuples come back typed and the arrays land directly on the mesh, whatever
-mesh, sharding or number of processes wrote them. In a run over several processes every process calls save,
-wait, delete and restore alike (orbax writes each process's shards and lets process 0 finalise).
+temporary directory that is never loaded (it is reported, then removed when the next run opens the directory).
+Restores use abstract targets (shape, dtype, sharding) so the optax NamedTuples come back typed and the arrays land
+directly on the mesh, whatever mesh, sharding or number of processes wrote them. In a run over several processes
+every process calls save, wait, delete and restore alike (orbax writes each process's shards and lets process 0
+finalise).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from jax.sharding import Sharding
 
-from gpt2_jax.errors import UserError
+from gpt2_jax.console import is_primary, warn
+from gpt2_jax.errors import UserError, short_reason
 from gpt2_jax.io import quiet_orbax_failures
 from gpt2_jax.weights.checksums import verify_checksums, write_checksums
+from gpt2_jax.weights.native import complete_steps
 
 ITEMS = ("params", "opt_state", "meta")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -32,24 +33,11 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 IO_ERRORS = (OSError, ValueError, RuntimeError)
 
 
-def abstract_like(tree: Any, sharding: Sharding | None = None) -> Any:
-    """ShapeDtypeStructs (with `sharding`) shaped like `tree`: the restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 def half_written(directory: Path) -> list[Path]:
     """Step directories a killed run left unfinished."""
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if TMP_SUFFIX in p.name)
-
-
-def complete_steps(directory: Path) -> list[int]:
-    """Steps whose directory orbax finalised, oldest first (read without creating anything)."""
-    if not directory.is_dir():
-        return []
-    done = [p for p in directory.iterdir() if p.name.isdigit() and ocp.utils.is_checkpoint_finalized(p)]
-    return sorted(int(p.name) for p in done)
 
 
 def resolve_checkpoint_path(path: str | Path) -> tuple[Path, int | None]:
@@ -72,7 +60,10 @@ class Checkpoints:
 
     def __init__(self, directory: str | Path, *, keep: int = 3, read_only: bool = False) -> None:
         self.directory = Path(directory).absolute()
-        self.leftovers = half_written(self.directory)
+        if not read_only and is_primary():
+            # Here and now, not in the thread orbax's cleanup_tmp_directories starts: that one would go on deleting
+            # while the state is restored and would be waited for by the first save alone, or by nothing.
+            self._remove_half_written()
         self.in_flight: int | None = None  # the step being written in the background
         self.keep = keep
         quiet_orbax_failures()  # a failed save or restore is one sentence (_failed, restore), not orbax's tracebacks
@@ -83,7 +74,6 @@ class Checkpoints:
                     # Old checkpoints are pruned by us, after the newer one is complete (orbax drops them on starting
                     # a save, so a save that then fails would leave fewer than --keep).
                     max_to_keep=None,
-                    cleanup_tmp_directories=not read_only,
                     create=not read_only,
                     read_only=read_only,
                 ),
@@ -142,7 +132,7 @@ class Checkpoints:
             raise self._failed(self.in_flight, e)
         finally:
             self.in_flight = None
-        if step is not None and jax.process_index() == 0 and (self.directory / str(step)).is_dir():
+        if step is not None and is_primary() and (self.directory / str(step)).is_dir():
             try:  # orbax keeps no checksum: bytes overwritten later would read back as silently wrong weights
                 write_checksums(self.directory / str(step), ITEMS[:2])
             except OSError as e:
@@ -158,7 +148,7 @@ class Checkpoints:
         try:
             self.manager.delete(step)
         except FileNotFoundError:  # on disk but unknown to this manager (written by another process)
-            if jax.process_index() == 0:
+            if is_primary():
                 shutil.rmtree(self.directory / str(step), ignore_errors=True)
 
     def check(self) -> None:
@@ -166,15 +156,17 @@ class Checkpoints:
         if self.in_flight is not None and not self.manager.is_saving_in_progress():
             self.wait()
 
-    def _failed(self, step: int | None, error: Exception) -> UserError:
-        for leftover in half_written(self.directory):  # free the space a full disk needs back
+    def _remove_half_written(self) -> None:
+        for leftover in half_written(self.directory):
             shutil.rmtree(leftover, ignore_errors=True)
+
+    def _failed(self, step: int | None, error: Exception) -> UserError:
+        self._remove_half_written()  # free the space a full disk needs back
         kept = self.steps()
         what = f"checkpoint step {step}" if step is not None else "a checkpoint"
         previous = f"the previous checkpoints ({', '.join(map(str, kept))}) are untouched" if kept else "none kept"
-        reason = _short_reason(error)
         return UserError(
-            f"Could not write {what} into {self.directory} ({reason}); {previous}; free disk space or fix "
+            f"Could not write {what} into {self.directory} ({short_reason(error)}); {previous}; free disk space or fix "
             "the directory's permissions, then resume with --restore_from latest."
         )
 
@@ -203,9 +195,7 @@ class Checkpoints:
         try:
             restored = self.manager.restore(step, args=args)
         except Exception as e:  # orbax wraps tensorstore's read errors (truncated or corrupt data) in a bare Exception
-            while e.__cause__ is not None:
-                e = e.__cause__
-            raise UserError(f"Checkpoint {self.directory / str(step)} is damaged or incomplete ({_short_reason(e)}).")
+            raise UserError(f"Checkpoint {self.directory / str(step)} is damaged or incomplete ({short_reason(e)}).")
         return restored.params, restored.opt_state, dict(restored.meta)
 
     def restore_newest(
@@ -221,16 +211,5 @@ class Checkpoints:
             except UserError as e:
                 if step == candidates[-1]:
                     raise
-                print(f"warning: {e} Falling back to the checkpoint before it.", file=sys.stderr, flush=True)
+                warn(f"{e} Falling back to the checkpoint before it.")
         raise AssertionError("unreachable")
-
-
-def _short_reason(error: Exception) -> str:
-    """The informative tail of an orbax/tensorstore message: 'No space left on device', 'File too large', ..."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    for marker in ("Failed to write", "Permission denied", "No space left", "Read-only file system"):
-        if marker in text:
-            return text[text.index(marker) :][:200]
-    return text[:200]
