@@ -3,7 +3,8 @@
 
 Each forward owns its layout (where the feature axis lies, how weights and the cache are stored) and calls these
 functions with it. Precision is the same rule in both: params float32, matmuls in the compute dtype, and layer
-norms, attention logits and softmax, and output logits in float32 (`float32_accumulating_dtype`).
+norms, attention logits and softmax, and output logits in float32 (`float32_accumulating_dtype`); the training loss
+alone keeps its logits in the compute dtype and its log-sum-exp in float32.
 
 - both forwards: `gelu`, `layer_norm` (the feature axis as a parameter), `float32_accumulating_dtype`.
 - attention: the training forward calls `jax.nn.dot_product_attention` (`attention_implementation` picks cuDNN's
@@ -11,8 +12,12 @@ norms, attention logits and softmax, and output logits in float32 (`float32_accu
   softmax, probabilities back in the compute dtype), with the dot precision JAX sets to keep a 16-bit backward
   pass consistent (jax issue 24047). `decode.py` runs `attention` over its cache, masked by `cache_context`
   (slots, per-row validity, positions).
-- the head: `tied_head` (vocabulary padding and a 16-bit backward for training); `decode.py` runs the same float32-
-  accumulating matmul feature-major, where neither padding nor a backward pass is wanted.
+- the head: `tied_head` returns float32 logits (users, evaluation by logits, tests); `tied_head_losses` is the
+  training loss, llm.c's fused classifier: the logits stay in the compute dtype, only the log-sum-exp is float32,
+  and the backward pass writes `softmax - onehot` once in the compute dtype before its two matmuls, so no float32
+  `[B, T, V]` tensor exists in 16-bit compute. Both pad a 16-bit vocabulary to a multiple of 128 (`_head_weights`).
+  `decode.py` runs the same float32-accumulating matmul feature-major, where neither padding nor a backward pass is
+  wanted.
 
 Axis legend: B batch, T query positions, S key positions (cache slots), D n_embd, F MLP width (4 * D), N heads,
 K head dim, H = B*N (one attention problem per row and head), V vocabulary.
@@ -104,16 +109,26 @@ def cache_context(mask_BT: Array, valid_BS: Array, index: Array, length_B: Array
 def tied_head(x_BTD: Array, wte: Array, dtype: Any) -> Array:
     """Logits through the head tied to `wte`, accumulated and returned in float32 whatever the compute dtype.
 
-    In 16-bit compute the vocabulary is padded with zero rows to a multiple of 128 and sliced off again (50257 is
-    odd, and an odd leading dimension forces the GPU onto unaligned, slow matmul kernels), and the backward pass
-    runs in the compute dtype (`_head_16bit`). Padded logits never leave this function.
+    In 16-bit compute the padded vocabulary (`_head_weights`) is sliced off again, and the backward pass runs in the
+    compute dtype (`_head_16bit`). Padded logits never leave this function.
     """
     dtype = float32_accumulating_dtype(dtype)
+    wte_VD = _head_weights(wte, dtype)
     if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum("BTD,VD->BTV", x_BTD.astype(dtype), wte.astype(dtype), preferred_element_type=jnp.float32)
-    n_vocab = wte.shape[0]
-    wte_VD = jnp.pad(wte.astype(dtype), ((0, -n_vocab % HEAD_VOCAB_MULTIPLE), (0, 0)))
-    return _head_16bit(x_BTD.astype(dtype), wte_VD)[..., :n_vocab]
+        return jnp.einsum("BTD,VD->BTV", x_BTD.astype(dtype), wte_VD, preferred_element_type=jnp.float32)
+    return _head_16bit(x_BTD.astype(dtype), wte_VD)[..., : wte.shape[0]]
+
+
+def _head_weights(wte: Array, dtype: Any) -> Array:
+    """`wte` as the head multiplies it: in `dtype`, and in 16 bits padded with zero rows to a multiple of 128.
+
+    50257 is odd, and an odd leading dimension forces the GPU onto unaligned, slow matmul kernels. Float32 compute
+    (this CPU's) has no tensor-core tiles to align and keeps the vocabulary as it is.
+    """
+    wte_VD = wte.astype(dtype)
+    if jnp.dtype(dtype) == jnp.float32:
+        return wte_VD
+    return jnp.pad(wte_VD, ((0, -wte.shape[0] % HEAD_VOCAB_MULTIPLE), (0, 0)))
 
 
 @jax.custom_vjp
@@ -137,3 +152,53 @@ def _head_16bit_bwd(residuals: tuple[Array, Array], g_BTV: Array) -> tuple[Array
 
 
 _head_16bit.defvjp(_head_16bit_fwd, _head_16bit_bwd)
+
+
+def tied_head_losses(x_BTD: Array, wte: Array, targets_BT: Array, dtype: Any) -> Array:
+    """Cross-entropy `[B, T]` (float32) of `targets_BT` under `tied_head`'s logits, without float32 logits.
+
+    The logits are computed, saved for the backward pass and read in the compute dtype (as
+    `float32_accumulating_dtype` maps it); the log-sum-exp and the loss are float32. In float32 this equals the plain
+    loss on `tied_head`'s logits; in 16 bits the logits are rounded to 16 bits, as in PyTorch autocast and llm.c.
+    """
+    return _head_losses(x_BTD.astype(float32_accumulating_dtype(dtype)), wte, targets_BT)
+
+
+def _real_columns(logits_BTV: Array, n_vocab: int) -> Array:
+    """The logits with padded vocabulary columns at -inf, so that they never take part in the softmax."""
+    if logits_BTV.shape[-1] == n_vocab:
+        return logits_BTV
+    return jnp.where(jnp.arange(logits_BTV.shape[-1]) < n_vocab, logits_BTV, -jnp.inf)
+
+
+@jax.custom_vjp
+def _head_losses(x_BTD: Array, wte: Array, targets_BT: Array) -> Array:
+    return _head_losses_fwd(x_BTD, wte, targets_BT)[0]
+
+
+def _head_losses_fwd(x_BTD: Array, wte: Array, targets_BT: Array) -> tuple[Array, tuple[Array, ...]]:
+    # The matmul writes its float32 accumulator out in the compute dtype: this is the one [B, T, V] write forward.
+    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, _head_weights(wte, x_BTD.dtype))
+    lse_BT = jax.nn.logsumexp(_real_columns(logits_BTV.astype(jnp.float32), wte.shape[0]), axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    # wte is the float32 param itself (no copy); its compute-dtype copy is cheaper to redo than to keep.
+    return lse_BT - target_BT, (x_BTD, wte, logits_BTV, lse_BT, targets_BT)
+
+
+def _head_losses_bwd(residuals: tuple[Array, ...], g_BT: Array) -> tuple[Array, Array, None]:
+    x_BTD, wte, logits_BTV, lse_BT, targets_BT = residuals
+    # d loss / d logits = (softmax - onehot) * g, in one elementwise pass written once in the compute dtype. The
+    # padded columns are masked here too: exp(0 - lse) would overflow to inf when every real logit is very negative,
+    # and inf times their zero wte rows is NaN.
+    probs_BTV = jnp.exp(_real_columns(logits_BTV.astype(jnp.float32), wte.shape[0]) - lse_BT[..., None])
+    onehot_BTV = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
+    d_BTV = ((probs_BTV - onehot_BTV) * g_BT[..., None]).astype(x_BTD.dtype)
+    wte_VD = _head_weights(wte, x_BTD.dtype)
+    dx_BTD = jnp.einsum("BTV,VD->BTD", d_BTV, wte_VD, preferred_element_type=jnp.float32).astype(x_BTD.dtype)
+    # wte's gradient stays float32 (no 16-bit rounding before the embedding's share is added to it). Contracting as
+    # x^T d leaves the transpose to the small x: XLA:CPU copies the [B, T, V] operand of d^T x to a transposed layout.
+    dwte_DV = jnp.einsum("BTD,BTV->DV", x_BTD, d_BTV, preferred_element_type=jnp.float32)
+    return dx_BTD, dwte_DV[:, : wte.shape[0]].T, None
+
+
+_head_losses.defvjp(_head_losses_fwd, _head_losses_bwd)

@@ -1,8 +1,10 @@
 """GPT-2 as a pure-functional Flax module: the forward pass for training and evaluation.
 
-`GPT2(config).apply({'params': params}, tokens)` -> float32 logits `[B, T, n_vocab]`. The params are a plain pytree
-with GPT-2's own names and OpenAI's shapes (conv1d weights without their leading 1), the transformer blocks stacked
-on a leading `n_layer` axis under `h` and run with `nn.scan`, so compile time does not grow with depth:
+`GPT2(config).apply({'params': params}, tokens)` -> float32 logits `[B, T, n_vocab]`; with `method=GPT2.hidden`, the
+final hidden state `[B, T, D]` instead, which the training loss takes through the fused head (`ops.tied_head_losses`,
+no float32 logits). The params are a plain pytree with GPT-2's own names and OpenAI's shapes (conv1d weights without
+their leading 1), the transformer blocks stacked on a leading `n_layer` axis under `h` and run with `nn.scan`, so
+compile time does not grow with depth:
 
     wte [V, D]  wpe [n_ctx, D]  ln_f/{g,b} [D]
     h/ln_1/{g,b} [L, D]  h/attn/c_attn/{w [L, D, 3D], b [L, 3D]}  h/attn/c_proj/{w [L, D, D], b [L, D]}
@@ -12,8 +14,9 @@ Axis legend for shapes in names: B batch, T positions, D n_embd, F MLP width (4D
 V vocabulary, L layers.
 
 Precision: params are float32; matmuls run in `config.dtype`; layer norms, the attention softmax and the final
-logits are float32 (the math is `ops.py`'s). Every row is a whole sequence from position 0: nothing pads the
-training forward. Decoding, with its KV cache and left-padded prompts, is `decode.py`'s forward, the only cached one.
+logits are float32 (the training loss keeps its logits in `config.dtype`, its log-sum-exp in float32; the math is
+`ops.py`'s). Every row is a whole sequence from position 0: nothing pads the training forward. Decoding, with its KV
+cache and left-padded prompts, is `decode.py`'s forward, the only cached one.
 """
 
 from __future__ import annotations
@@ -105,29 +108,33 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
+    """`apply(vars, tokens_BT)` gives the logits, `apply(vars, tokens_BT, method=GPT2.hidden)` what the head reads."""
+
     config: GPT2Config
 
-    @nn.compact
+    def setup(self) -> None:
+        cfg = self.config
+        self.wte = self.param("wte", nn.initializers.normal(0.02), (cfg.n_vocab, cfg.n_embd), jnp.float32)
+        self.wpe = self.param("wpe", nn.initializers.normal(0.01), (cfg.n_ctx, cfg.n_embd), jnp.float32)
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        self.h = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layer, unroll=cfg.scan_unroll
+        )(cfg)
+        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype))
+
     def __call__(self, tokens_BT: Array) -> Array:
         """Logits `[B, T, n_vocab]` (float32) for `tokens_BT`, each row a sequence starting at position 0."""
-        cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        wte = self.param("wte", nn.initializers.normal(0.02), (cfg.n_vocab, cfg.n_embd), jnp.float32)
-        wpe = self.param("wpe", nn.initializers.normal(0.01), (cfg.n_ctx, cfg.n_embd), jnp.float32)
-        x_BTD = (jnp.take(wte, tokens_BT, axis=0) + wpe[: tokens_BT.shape[1]]).astype(dtype)
+        return ops.tied_head(self.hidden(tokens_BT), self.wte, jnp.dtype(self.config.dtype))
 
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=cfg.n_layer,
-            unroll=cfg.scan_unroll,
-        )(cfg, name="h")
-        x_BTD, _ = layers(x_BTD)
+    def hidden(self, tokens_BT: Array) -> Array:
+        """The final hidden state `[B, T, D]` (after `ln_f`, in the compute dtype) that the tied head multiplies.
 
-        x_BTD = LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_f")(x_BTD)
-        return ops.tied_head(x_BTD, wte, dtype)
+        The training loss reads this rather than the logits: `ops.tied_head_losses` applies the head itself.
+        """
+        dtype = jnp.dtype(self.config.dtype)
+        x_BTD = (jnp.take(self.wte, tokens_BT, axis=0) + self.wpe[: tokens_BT.shape[1]]).astype(dtype)
+        x_BTD, _ = self.h(x_BTD)
+        return self.ln_f(x_BTD)
 
 
 def init_params(config: GPT2Config, rng: Array | int = 0) -> dict[str, Any]:

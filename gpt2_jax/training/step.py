@@ -10,7 +10,9 @@ Gradient accumulation runs inside the step: the global batch `[B, T+1]` is split
 summed by a `lax.scan`, so one dispatch covers the whole optimizer step. Row `j * accumulate + i` goes to
 micro-batch `i`: every device keeps its own rows, no data moves between devices.
 
-Loss: mean next-token cross-entropy in float32, from the model's float32 logits.
+Loss: mean next-token cross-entropy in float32, from the model's final hidden state through the fused tied head
+(`ops.tied_head_losses`): logits in the compute dtype, log-sum-exp in float32, and in 16-bit compute no float32
+`[B, T, V]` tensor in memory, forward or backward. Training and evaluation (`evaluate.py`) share `token_losses`.
 
 Axes: B rows of the batch, T tokens per window (T1 = T+1: the window and the token after it, the last target),
 V vocabulary, A micro-batches of one optimizer step.
@@ -28,6 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2_jax.config import GPT2Config
+from gpt2_jax.model import ops
 from gpt2_jax.model.transformer import GPT2
 from gpt2_jax.training.mesh import batch_sharding, replicated
 
@@ -61,9 +64,8 @@ def replicated_state(mesh: Mesh) -> TrainState:
 def token_losses(params: Any, config: GPT2Config, batch_BT1: Array) -> Array:
     """Next-token cross-entropy `[B, T]` in float32 for windows `[B, T+1]`."""
     inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-    logits_BTV = GPT2(config).apply({"params": params}, inputs_BT).astype(jnp.float32)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT
+    x_BTD = GPT2(config).apply({"params": params}, inputs_BT, method=GPT2.hidden)
+    return ops.tied_head_losses(x_BTD, params["wte"], targets_BT, config.dtype)
 
 
 def mean_loss(params: Any, config: GPT2Config, batch_BT1: Array) -> Array:
@@ -117,7 +119,7 @@ def build_train_step(
         loss, grads = _loss_and_grads(state.params, config, batch_BT1, accumulate, mesh, state_sharding.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     return jax.jit(
