@@ -13,9 +13,12 @@ axis at batch 1 XLA does not copy it every step. The math is `ops.py`'s, shared 
 tests/test_decoding.py compares this forward's logits with it and with Hugging Face's.
 
 The cache (`init_cache`): slots written at a shared `index`, a per-row `valid` mask and real-token `length` (the
-next position), so left-padded prompts decode exactly as unpadded ones.
-Axis legend: B batch, T new positions, M = B*T, S cache slots, D n_embd, F MLP width (4D), N heads, H = B*N,
-K head dim, V vocabulary, I and O a linear layer's input and output features.
+next position), so left-padded prompts decode exactly as unpadded ones. Slots fill from the front, so a call that
+knows how far they will be filled attends over that many leading slots only (`window`, static: one compilation per
+window size), not over the empty rest of the cache. A step with `write` False (a decode loop's masked step) leaves
+the cache bit for bit as it was.
+Axis legend: B batch, T new positions, M = B*T, S cache slots, W attended slots (the first W of S), D n_embd,
+F MLP width (4D), N heads, H = B*N, K head dim, V vocabulary, I and O a linear layer's input and output features.
 """
 
 from __future__ import annotations
@@ -102,22 +105,30 @@ def block(
     p: dict[str, Any],
     k_HSK: Array,
     v_HSK: Array,
-    mask_HTS: Array,
+    mask_HTW: Array,
     index: Array,
+    write: Array | bool,
     config: GPT2Config,
 ) -> tuple[Array, Array, Array]:
-    """One transformer block on feature-major activations; writes this chunk's keys/values at `index`."""
+    """One transformer block on feature-major activations: writes this chunk's keys/values at `index` (unless
+    `write` is False), attends over the first W slots (W = `mask_HTW`'s width)."""
     dtype, eps = jnp.dtype(config.dtype), config.layer_norm_epsilon
     N, K = config.n_head, config.head_dim
-    B, T = mask_HTS.shape[0] // N, mask_HTS.shape[1]
+    B, T, W = mask_HTW.shape[0] // N, mask_HTW.shape[1], mask_HTW.shape[2]
     qkv_3NKBT = linear(layer_norm(x_DM, p["ln_1"], eps, dtype), p["attn/c_attn"]).reshape(3, N, K, B, T)
     q_HTK, k_HTK, v_HTK = qkv_3NKBT.transpose(0, 3, 1, 4, 2).reshape(3, B * N, T, K)
-    k_HSK = jax.lax.dynamic_update_slice(k_HSK, k_HTK.astype(k_HSK.dtype), (0, index, 0))
-    v_HSK = jax.lax.dynamic_update_slice(v_HSK, v_HTK.astype(v_HSK.dtype), (0, index, 0))
-    a_BNTK = ops.attention(q_HTK, k_HSK, v_HSK, mask_HTS).astype(dtype).reshape(B, N, T, K)
+    k_HSK, v_HSK = (_written(cache, new, index, write) for cache, new in ((k_HSK, k_HTK), (v_HSK, v_HTK)))
+    a_BNTK = ops.attention(q_HTK, k_HSK[:, :W], v_HSK[:, :W], mask_HTW).astype(dtype).reshape(B, N, T, K)
     x_DM = x_DM + linear(a_BNTK.transpose(1, 3, 0, 2).reshape(N * K, B * T), p["attn/c_proj"])
     h_FM = ops.gelu(linear(layer_norm(x_DM, p["ln_2"], eps, dtype), p["mlp/c_fc"]))
     return x_DM + linear(h_FM, p["mlp/c_proj"]), k_HSK, v_HSK
+
+
+def _written(cache_HSK: Array, new_HTK: Array, index: Array, write: Array | bool) -> Array:
+    new_HTK = new_HTK.astype(cache_HSK.dtype)
+    if write is not True:  # a masked step puts back what the slots held (the write index is clamped at the end)
+        new_HTK = jnp.where(write, new_HTK, jax.lax.dynamic_slice(cache_HSK, (0, index, 0), new_HTK.shape))
+    return jax.lax.dynamic_update_slice(cache_HSK, new_HTK, (0, index, 0))
 
 
 def forward(
@@ -126,29 +137,41 @@ def forward(
     tokens_BT: Array,
     mask_BT: Array,
     cache: dict[str, Any],
+    *,
+    window: int | None = None,
+    write: Array | bool = True,
 ) -> tuple[Array, dict[str, Any]]:
     """Run `tokens_BT` (False in `mask_BT` on padding) through the model on top of `cache`.
 
     A prefill passes the (left-padded) prompts, a decode step one token per row (T = 1); jit it with `config`
-    static and the cache donated. cache: `init_cache`'s dict; keeping `index + T <= max_len` is the caller's job
-    (the index is traced, and a write past the end would be clamped). Returns float32 logits `[B, V]` for each
-    row's last position (left padding puts every row's newest token there) and the updated cache.
+    (and `window`) static and the cache donated. cache: `init_cache`'s dict; keeping `index + T <= max_len` is the
+    caller's job (the index is traced, and a write past the end would be clamped). Returns float32 logits `[B, V]`
+    for each row's last position (left padding puts every row's newest token there) and the updated cache.
+
+    window: attend over the first `window` slots only (default all): the keys and values are still written at
+    their slot, only the attention's reads shrink. It must cover every slot written so far and these tokens'
+    (`index + T <= window`), which the caller knows and the traced index cannot check. write: False (traced) makes
+    this a masked step, computed but leaving the cache exactly as it was, so a loop of static trip count can run
+    steps past its end.
     """
     dtype = jnp.dtype(config.dtype)
     B, T = tokens_BT.shape
     N, S = config.n_head, cache["valid"].shape[1]
+    W = S if window is None else window
     ctx = ops.cache_context(mask_BT.astype(bool), cache["valid"], cache["index"], cache["length"])
-    mask_HTS = jnp.broadcast_to(ctx["mask_BTS"][:, None], (B, N, T, S)).reshape(B * N, T, S)
+    mask_HTW = jnp.broadcast_to(ctx["mask_BTS"][:, None, :, :W], (B, N, T, W)).reshape(B * N, T, W)
     x_BTD = jnp.take(weights.wte, tokens_BT, axis=0) + jnp.take(weights.wpe, ctx["positions_BT"], axis=0)
     x_DM = x_BTD.reshape(B * T, -1).T.astype(dtype)
     ks, vs = [], []
     for p, k_HSK, v_HSK in zip(weights.h, cache["k"], cache["v"]):
-        x_DM, k_HSK, v_HSK = block(x_DM, p, k_HSK, v_HSK, mask_HTS, cache["index"], config)
+        x_DM, k_HSK, v_HSK = block(x_DM, p, k_HSK, v_HSK, mask_HTW, cache["index"], write, config)
         ks.append(k_HSK)
         vs.append(v_HSK)
     last_DB = x_DM.reshape(-1, B, T)[:, :, -1]
     last_DB = layer_norm(last_DB, weights.ln_f, config.layer_norm_epsilon, weights.head_VD.dtype)
     logits_VB = jnp.einsum("VD,DB->VB", weights.head_VD, last_DB, preferred_element_type=jnp.float32)
     logits_BV = jax.lax.optimization_barrier(logits_VB).T
-    new_cache = {"k": ks, "v": vs, "valid": ctx["valid_BS"], "index": cache["index"] + T, "length": ctx["length_B"]}
-    return logits_BV, new_cache
+    new = {"valid": ctx["valid_BS"], "index": cache["index"] + T, "length": ctx["length_B"]}
+    if write is not True:
+        new = {name: jnp.where(write, value, cache[name]) for name, value in new.items()}
+    return logits_BV, {"k": ks, "v": vs, **new}

@@ -4,7 +4,17 @@
 prefill, then decode chunks back to back. What every row of a call shares (length, sampling, seed, eot, window,
 chunk) travels as one `Request`. Shapes are bucketed so that a new prompt length rarely compiles anew: prompts are
 left-padded to a power of two (at least 16 tokens), and the cache gets the padded prompt plus the new tokens
-rounded up to a multiple of 64 slots (not always n_ctx: every decode step attends over all slots).
+rounded up to a multiple of 64 slots.
+
+Attention windows: a decode chunk attends over the cache's first slots only (its attention window), a static
+count that covers the slots filled by the chunk's end: 128, doubled as the cache fills, capped at the cache size.
+A chunk never crosses a window's edge (`next_chunk`), so a long generation runs as several chunks and the early
+ones read few slots; each window size compiles once per batch shape: at most 4 for GPT-2's 1024-token context.
+Doubling rather than steps of 128: half the compilations at 1024 slots, and the same windows (128, then the whole
+cache) for caches of up to 256 slots, such as 16 + 128 tokens. On a CPU the window is the whole cache: XLA:CPU
+runs the attention as a library matmul that takes its operands whole, so a window would first copy the slots it
+reads (and, in the compiled step, the whole cache as well): more work than it saves. On a GPU the one-token
+attention matmuls become fused reductions, which read the window in place.
 
 Longer than the context: when prompt + length exceed n_ctx, the cache holds n_ctx slots and, once full, is
 refilled with the last `window` tokens of the context (default n_ctx // 2) and decoding goes on. Step by step, the
@@ -23,6 +33,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Sequence
 
+import jax
 import numpy as np
 
 from gpt2_jax.config import GPT2Config
@@ -35,6 +46,7 @@ from gpt2_jax.sampling.processors import SamplingConfig
 STOP_LENGTH, STOP_EOT, STOP_STRING = "length", "endoftext", "stop"
 MIN_PROMPT_BUCKET = 16
 CACHE_SLOT_MULTIPLE = 64
+MIN_ATTENTION_WINDOW = 128
 
 OnChunk = Callable[[dict[int, list[int]]], Iterable[int] | None]
 
@@ -48,7 +60,7 @@ class Request:
     seed: int
     eot_id: int  # <|endoftext|>: ends a row; also the padding id
     window: int | None = None  # tokens kept when the context slides (default n_ctx // 2)
-    chunk: int | None = None  # decode steps per device call (default: as many as the cache holds)
+    chunk: int | None = None  # decode steps per device call at most (default: up to the attention window's edge)
 
     def __post_init__(self) -> None:
         if self.length <= 0:
@@ -64,6 +76,26 @@ def prompt_bucket(n_tokens: int, limit: int) -> int:
 
 def cache_slots(needed: int, n_ctx: int) -> int:
     return min(n_ctx, -(-needed // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE)
+
+
+def attention_window(filled: int, slots: int, backend: str | None = None) -> int:
+    """The cache slots a decode chunk attends over when `filled` of them are filled at its end, on `backend`
+    (default JAX's; see the module doc)."""
+    if (backend or jax.default_backend()) == "cpu":
+        return slots
+    window = MIN_ATTENTION_WINDOW
+    while window < filled:
+        window *= 2
+    return min(window, slots)
+
+
+def next_chunk(
+    index: int, remaining: int, slots: int, chunk: int | None = None, backend: str | None = None
+) -> tuple[int, int]:
+    """(steps, window) of the next `decode_chunk` call from cache slot `index` (< slots): at most `chunk` steps
+    (default: no limit) and `remaining`, up to the edge of the attention window the chunk starts in."""
+    window = attention_window(index + 1, slots, backend)
+    return min(chunk or slots, remaining, window - index), window
 
 
 def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,8 +212,8 @@ class _Batch:
                 state = self._prefill(context_BW, np.ones(context_BW.shape, bool))
                 cache_index = window
                 continue
-            steps = min(self.request.chunk or self.slots, length - self.drawn, self.slots - cache_index)
-            state, n_steps = self._decode(state, steps)
+            steps, attended = next_chunk(cache_index, length - self.drawn, self.slots, self.request.chunk)
+            state, n_steps = self._decode(state, steps, attended)
             cache_index += n_steps
             if n_steps < steps:
                 break  # every row finished on the device
@@ -194,9 +226,11 @@ class _Batch:
         self._take(np.asarray(new_B)[:, None])
         return state
 
-    def _decode(self, state: DecodeState, steps: int) -> tuple[DecodeState, int]:
-        """Up to `steps` decode steps in one device call; returns the state and how many ran."""
-        state, out_BS, n_steps = self.decode_fn(state, np.int32(steps), self.stop_B.copy(), self.eot)
+    def _decode(self, state: DecodeState, steps: int, attended: int) -> tuple[DecodeState, int]:
+        """Up to `steps` decode steps in one device call, attending over the first `attended` cache slots; returns
+        the state and how many ran."""
+        stop_B = self.stop_B.copy()
+        state, out_BS, n_steps = self.decode_fn(state, np.int32(steps), stop_B, self.eot, window=attended)
         n_steps = int(n_steps)
         self._take(np.asarray(out_BS)[:, :n_steps])
         return state, n_steps

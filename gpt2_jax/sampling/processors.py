@@ -1,9 +1,17 @@
 """Logit processors: how the next token is chosen from a row's logits, as small pure functions of `[B, V]` arrays.
 
 Applied in this order (OpenAI's sample.py and Hugging Face agree on it): repetition penalty, banned ids, then either
-greedy argmax (temperature 0) or temperature, top-k, top-p (nucleus) and a draw. Top-k uses `lax.top_k`, so the
-nucleus is computed over the k survivors only and no per-token sort of the vocabulary happens unless top-k is off.
-Axis legend: B batch rows, V vocabulary, C top-k candidates (sorted, descending).
+greedy argmax (temperature 0) or temperature, top-k, top-p (nucleus) and a draw. The nucleus is computed over the
+k survivors of top-k only, so no per-token sort of the vocabulary happens unless top-k is off.
+
+Top-k on a GPU: XLA's top-k kernel there takes k <= 16 and turns a larger k (GPT-2's usual 40) into a sort of the
+whole row, all 50,257 logits, every step. `two_stage_top_k` gives `lax.top_k`'s exact answer from two short sorts
+instead: the top k of each block of TOP_K_BLOCK logits, then the top k of those candidates. It is exact because
+the order (value descending, then id ascending: `lax.top_k`'s tie rule) ranks each of the global top k within the
+top k of its own block, and the candidates lie in block order, each block's sorted, so equal values keep their ids'
+order in the second stage too. Elsewhere (XLA:CPU's top-k is a partial sort of the row already) and where the
+candidates would not be much fewer than the vocabulary, `lax.top_k` itself runs.
+Axis legend: B batch rows, V vocabulary, C top-k candidates (sorted, descending), N vocabulary blocks, W block width.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import jax.numpy as jnp
 from gpt2_jax.errors import UsageError
 
 Array = jax.Array
+TOP_K_BLOCK = 512  # two-stage top-k: 99 blocks for GPT-2's vocabulary, 3,960 candidates at k=40
+GPU_TOP_K_KERNEL_MAX_K = 16  # XLA's GPU top-k kernel takes up to this k; above it, a sort of the whole row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +71,33 @@ def apply_temperature(logits: Array, temperature: float) -> Array:
     return logits / temperature
 
 
-def top_k_candidates(logits_BV: Array, k: int) -> tuple[Array, Array]:
-    """The k largest logits per row, sorted descending, and their token ids (ties: lower id first)."""
-    return jax.lax.top_k(logits_BV, min(k, logits_BV.shape[-1]))
+def top_k_candidates(logits_BV: Array, k: int, backend: str | None = None) -> tuple[Array, Array]:
+    """The k largest logits per row, sorted descending, and their token ids (ties: lower id first): `lax.top_k`'s
+    answer, in two stages where that spares a GPU (`backend`, default JAX's) a sort of the whole row."""
+    k = min(k, logits_BV.shape[-1])
+    if two_stage_pays(k, logits_BV.shape[-1], backend or jax.default_backend()):
+        return two_stage_top_k(logits_BV, k)
+    return jax.lax.top_k(logits_BV, k)
+
+
+def two_stage_pays(k: int, n_vocab: int, backend: str) -> bool:
+    """Only GPUs sort whole rows for top-k, only above the kernel's k, and two stages must cut the work: a row of
+    8 blocks or more (a shorter one is a short sort already), at least 4x fewer candidates than logits."""
+    n_blocks = -(-n_vocab // TOP_K_BLOCK)
+    cuts = n_blocks >= 8 and 4 * n_blocks * k <= n_vocab
+    return backend == "gpu" and k > GPU_TOP_K_KERNEL_MAX_K and cuts
+
+
+def two_stage_top_k(logits_BV: Array, k: int, block: int = TOP_K_BLOCK) -> tuple[Array, Array]:
+    """`lax.top_k(logits_BV, k)` exactly, ties included, from the top k of each `block` logits (k <= block)."""
+    B, V = logits_BV.shape
+    N = -(-V // block)
+    # -inf padding ranks after every real logit, -inf ones too: their ids are larger.
+    padded_BNW = jnp.pad(logits_BV, ((0, 0), (0, N * block - V)), constant_values=-jnp.inf).reshape(B, N, block)
+    values_BNC, ids_BNC = jax.lax.top_k(padded_BNW, k)
+    ids_BNC = ids_BNC + block * jnp.arange(N, dtype=ids_BNC.dtype)[:, None]
+    values_BC, where_BC = jax.lax.top_k(values_BNC.reshape(B, N * k), k)
+    return values_BC, jnp.take_along_axis(ids_BNC.reshape(B, N * k), where_BC, axis=-1)
 
 
 def top_p_filter(sorted_logits_BC: Array, top_p: float) -> Array:
