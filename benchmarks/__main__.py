@@ -7,7 +7,8 @@
     python -m benchmarks --job decode --preset 124M --batch 1,8,64 --seq 16 --new_tokens 128
 
 Prints a progress line per point, then one table (median tokens/s over --repeats timed runs with its min-max, compile
-time, MFU, model TFLOP/s, peak memory, fraction of the bandwidth bound, PyTorch and the ratio). --json is rewritten
+time, MFU, model TFLOP/s, peak memory, fraction of the bandwidth bound, PyTorch eager and under torch.compile, and
+the ratios). --json is rewritten
 after every point, so an interrupted run keeps what it measured. benchmarks/suite.py documents every field.
 """
 
@@ -53,6 +54,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="quick", choices=suite.SUITE_NAMES, help="named sweep (default: quick)")
     p.add_argument("--compare", choices=["pytorch"], help="also time Hugging Face PyTorch GPT-2 at the same points")
+    p.add_argument(
+        "--torch_compile", choices=["inductor", "aot_eager", "eager", "off"],
+        help="with --compare: the torch.compile backend of the second PyTorch column, or off (default: inductor; "
+        "the toy suite: eager)",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point after warm-up (default: 3)")
     p.add_argument("--json", help="write {environment, points} here (rewritten after every point)")
     p.add_argument("--plot", help="write a PNG of tokens/s against batch size here")
@@ -83,6 +89,15 @@ SWEEP_FLAGS = dict(
 
 
 def build_sweeps(args: argparse.Namespace) -> tuple[suite.Sweep, ...]:
+    sweeps = shaped_sweeps(args)
+    if args.torch_compile is None:  # each sweep's own backend
+        return sweeps
+    backend = None if args.torch_compile == "off" else args.torch_compile
+    return tuple(dataclasses.replace(sweep, torch_compile=backend) for sweep in sweeps)
+
+
+def shaped_sweeps(args: argparse.Namespace) -> tuple[suite.Sweep, ...]:
+    """The named suite, or the sweep the shaping flags describe."""
     given = {field: getattr(args, flag) for flag, field in SWEEP_FLAGS.items() if getattr(args, flag) is not None}
     if given.get("seq", 1) < 1 or args.new_tokens < 1 or args.top_k < 0:
         raise UsageError("--seq and --new_tokens must be at least 1 and --top_k at least 0.")

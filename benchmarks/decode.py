@@ -3,16 +3,20 @@
     python -m benchmarks.decode                                   # the CPU goal: 124M, fp32, batch 1 and 8
     python -m benchmarks.decode --batches 1,8,64 --lengths 128,512 --no-pytorch --json out.json
 
-Each point times our jitted decoder (`gpt2_jax.sampling.loop`: one prefill, then one decode_chunk call for every new
-token, top-k sampling, no early stop) on a random model after a compile (timed apart), median of `--repeats` runs.
+Each point times our jitted decoder (`gpt2_jax.sampling.loop`: one prefill, then decode_chunk calls for the other
+new tokens, chunked as generate.py chunks them, top-k sampling, no early stop) on a random model after a compile
+(timed apart), median of `--repeats` runs.
 With PyTorch it also times `GPT2LMHeadModel.generate` (same weights, do_sample, top_k, use_cache, same prompt and
 number of new tokens) in the same process, and reports the ratio of generation throughputs (new tokens/s of a
-whole call, prefill included, both sides).
+whole call, prefill included, both sides). With `--torch_compile BACKEND` (default inductor) a second PyTorch column
+times `generate` as Hugging Face compiles it: a static KV cache and each decode step's forward under torch.compile
+(with CUDA graphs on a GPU, Hugging Face's default mode there), the strongest PyTorch generation a user would pick.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -22,10 +26,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from benchmarks import compare
 from gpt2_jax.config import get_config
 from gpt2_jax.model.decode import decode_weights
 from gpt2_jax.model.transformer import init_params
-from gpt2_jax.sampling.generate import cache_slots, prompt_bucket
+from gpt2_jax.sampling.generate import cache_slots, next_chunk, prompt_bucket
 from gpt2_jax.sampling.loop import decode_chunk, prefill_and_sample
 from gpt2_jax.sampling.processors import SamplingConfig
 
@@ -36,17 +41,26 @@ def time_ours(
     weights: Any, config: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int
 ) -> dict[str, Any]:
     """{'compile_s': seconds, 'prefill_s': [seconds per run], 'decode_s': [seconds per run]}: the compile, then for
-    each of `repeats` runs after a warm-up the prefill (+ first draw) and the decoding of the other `new_tokens - 1`."""
+    each of `repeats` runs after a warm-up the prefill (+ first draw) and the decoding of the other `new_tokens - 1`
+    in the chunks generate.py would run (one, or one per attention window on an accelerator)."""
     B, T = prompt_BT.shape
     slots = cache_slots(prompt_bucket(T, config.n_ctx) + new_tokens - 1, config.n_ctx)  # generate.py's buckets
     static = dict(config=config, sampling=SamplingConfig(top_k=top_k))
     mask_BT, row_ids, done = np.ones_like(prompt_BT, bool), np.arange(B, dtype=np.int32), np.zeros(B, bool)
     prefill_args = (weights, prompt_BT, mask_BT, row_ids, done, np.int32(0), np.uint32(0), NO_EOT)
-    decode_args = (np.int32(new_tokens - 1), np.zeros(B, bool), NO_EOT)
+    chunks, index, left = [], T, new_tokens - 1  # (steps, window) per decode_chunk call
+    while left:
+        chunks.append(next_chunk(index, left, slots))
+        index, left = index + chunks[-1][0], left - chunks[-1][0]
+    stop_B = np.zeros(B, bool)
 
     start = time.perf_counter()  # compiled ahead of time, so the compile is timed apart from any run
     prefill = prefill_and_sample.lower(*prefill_args, max_len=slots, **static).compile()
-    decode = decode_chunk.lower(weights, prefill(*prefill_args)[0], *decode_args, **static).compile()
+    state = prefill(*prefill_args)[0]
+    decode = {
+        window: decode_chunk.lower(weights, state, np.int32(steps), stop_B, NO_EOT, window=window, **static).compile()
+        for steps, window in chunks
+    }
     compile_s = time.perf_counter() - start
 
     def run_prefill():
@@ -55,8 +69,9 @@ def time_ours(
         return state
 
     def run_decode(state):
-        state, _, n = decode(weights, state, *decode_args)  # donates `state`: a fresh prefill for every run
-        assert int(n) == new_tokens - 1
+        for steps, window in chunks:  # each call donates `state`: a fresh prefill for every run
+            state, _, n = decode[window](weights, state, np.int32(steps), stop_B, NO_EOT)
+            assert int(n) == steps
         return jax.block_until_ready(state)
 
     run_decode(run_prefill())  # warm-up
@@ -83,13 +98,21 @@ def hf_model(params: Any, config: Any, *, device: str = "cpu", dtype: str = "flo
 
 
 def time_pytorch(
-    model: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int, *, device: str = "cpu"
-) -> list[float]:
-    """Seconds per `model.generate` call on `device` (sampling, top-k, KV cache, no early stop), after a warm-up."""
+    model: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int, *, device: str = "cpu",
+    torch_compile: str | None = None,
+) -> list[float]:  # fmt: skip
+    """Seconds per `model.generate` call on `device` (sampling, top-k, KV cache, no early stop), after a warm-up.
+
+    torch_compile: a torch.compile backend: generate with a static cache, whose decode steps Hugging Face runs
+    through `torch.compile(model.__call__)` (`compile_config`); the warm-up is a whole generation, which compiles
+    at the cache's final shape. None: eager, with the dynamic cache.
+    """
     import torch
 
     ids = torch.from_numpy(prompt_BT.astype(np.int64)).to(device)
     kwargs = dict(do_sample=True, top_k=top_k, use_cache=True, pad_token_id=0, eos_token_id=None)
+    if torch_compile:
+        kwargs.update(cache_implementation="static", compile_config=compile_config(torch_compile, device))
 
     def generate(n: int) -> float:
         start = time.perf_counter()
@@ -100,8 +123,22 @@ def time_pytorch(
         assert out.shape[1] == prompt_BT.shape[1] + n
         return time.perf_counter() - start
 
-    generate(2)  # warm-up
+    generate(new_tokens if torch_compile else 2)  # warm-up
+    if torch_compile and not hasattr(model, "_compiled_call"):  # where get_compiled_call keeps it
+        raise RuntimeError("transformers did not compile generate's forward (needs a static cache)")
     return [generate(new_tokens) for _ in range(repeats)]
+
+
+def compile_config(backend: str, device: str) -> Any:
+    """Hugging Face's settings for compiling generate's decode steps with `backend`: its default mode on CUDA
+    ('reduce-overhead': CUDA graphs), inductor's default elsewhere; other backends take no mode."""
+    import transformers
+
+    mode = ("reduce-overhead" if device == "cuda" else "default") if backend == "inductor" else None
+    config = transformers.CompileConfig(backend=backend, mode=mode)
+    if device != "cuda":  # generate compiles on accelerators only unless told; the class attribute is the switch
+        config._compile_all_devices = True
+    return config
 
 
 def run(
@@ -114,10 +151,12 @@ def run(
     top_k: int = 40,
     repeats: int = 3,
     pytorch: bool = True,
+    torch_compile: str | None = None,
     torch_threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Benchmark points: per (preset, batch, length) one 'prefill' and one 'decode' dict (see the module doc).
+    """Benchmark points: per (preset, batch, length) one 'prefill' and one 'decode' dict (see the module doc);
+    torch_compile: with pytorch, also the compiled column (a backend; benchmarks/compare.py's fields).
 
     torch_threads: PyTorch's intra-op threads (default: its own choice, all cores). On a busy machine torch's
     spinning threads lose far more than XLA's, so say which setting a ratio used.
@@ -142,17 +181,15 @@ def run(
                     preset=preset, n_layer=config.n_layer, n_embd=config.n_embd, batch=batch, seq=prompt_len,
                     new_tokens=new_tokens, dtype=dtype, devices=1, compile_s=round(ours["compile_s"], 3),
                 )  # fmt: skip
-                torch_s = None
-                if pytorch:
-                    torch_s = float(np.median(time_pytorch(torch_model, prompt_BT, new_tokens, top_k, repeats)))
                 decode = dict(
                     job="decode", **common, tokens_per_s=batch * new_tokens / generate_s,
-                    per_token_ms=1e3 * decode_s / max(new_tokens - 1, 1),
-                    pytorch_tokens_per_s=None if torch_s is None else batch * new_tokens / torch_s,
+                    per_token_ms=1e3 * decode_s / max(new_tokens - 1, 1), pytorch_tokens_per_s=None, ratio=None,
                 )  # fmt: skip
-                decode["ratio"] = (
-                    decode["pytorch_tokens_per_s"] and decode["tokens_per_s"] / decode["pytorch_tokens_per_s"]
-                )
+                for column, backend in compare.columns(torch_compile) if pytorch else []:
+                    seconds = functools.partial(
+                        time_pytorch, torch_model, prompt_BT, new_tokens, top_k, repeats, torch_compile=backend
+                    )
+                    compare.add_column(decode, column, batch * new_tokens, seconds, log, backend)
                 prefill = dict(
                     job="prefill", **common, tokens_per_s=batch * prompt_len / prefill_s,
                     prefill_ms=1e3 * prefill_s, pytorch_tokens_per_s=None, ratio=None,
@@ -169,7 +206,7 @@ def format_point(p: dict) -> str:
     )
     if p.get("ratio"):
         line += f"  | PyTorch {p['pytorch_tokens_per_s']:8.1f} tok/s  ratio {p['ratio']:.2f}x"
-    return line
+    return line + compare.compiled_text(p)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -184,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-pytorch", dest="pytorch", action="store_false")
     p.add_argument("--torch_threads", type=int, default=None, help="PyTorch intra-op threads (default: torch's)")
+    p.add_argument("--torch_compile", default="inductor", help="torch.compile backend of the second PyTorch column, "
+                   "or 'off' (default: inductor)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the points to this file")
     args = p.parse_args(argv)
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
@@ -191,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     points = run(
         args.presets, args.batches, args.lengths, prompt_len=args.prompt_len, dtype=args.dtype, top_k=args.top_k,
         repeats=args.repeats, pytorch=args.pytorch, torch_threads=args.torch_threads,
+        torch_compile=None if args.torch_compile == "off" else args.torch_compile,
         log=lambda s: print(s, flush=True),
     )  # fmt: skip
     if args.json:

@@ -14,7 +14,8 @@
 #      unrolled per scan step as train.py runs them on a GPU)
 #   4. decode (124M, 16-token prompt, 128 new tokens, top-k 40) at batch 1/8/64, against PyTorch
 #   5. the same training with XLA attention at one batch (last: the least important)
-# Few distinct shapes on purpose: each costs a compile of ~30-60 s.
+# Few distinct shapes on purpose: each costs a compile of ~30-60 s. PyTorch runs eagerly here (--torch_compile off:
+# its compiles would not fit these limits); benchmarks/gpu_verify.sh times it under torch.compile too.
 # Everything lands in $OUT: gpu.log (all output), gpu_check.json, one JSON per step, results.json (merged),
 # results.png (tokens/s against batch) and results.txt (the table).
 set -uo pipefail
@@ -70,10 +71,10 @@ main() {
 
     run_step "train, cuDNN attention" 170 \
         python -m benchmarks --job train "${TRAIN[@]}" --batch "$TRAIN_BATCHES" --attention "$FAST_ATTENTION" \
-        --compare pytorch --compare_at "$COMPARE_BATCH" --json "$OUT/train.json"
+        --compare pytorch --torch_compile off --compare_at "$COMPARE_BATCH" --json "$OUT/train.json"
 
     run_step "decode" 110 \
-        python -m benchmarks --job decode "${DECODE[@]}" --compare pytorch --json "$OUT/decode.json"
+        python -m benchmarks --job decode "${DECODE[@]}" --compare pytorch --torch_compile off --json "$OUT/decode.json"
 
     run_step "train, XLA attention" 70 \
         python -m benchmarks --job train "${TRAIN[@]}" --batch "$XLA_BATCH" --attention xla \

@@ -59,7 +59,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_num_cpu_devices": jax.config.jax_num_cpu_devices,  # -1: not set (see benchmarks/__main__.py)
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host_cpu": _cpu_model(),
         "host_cpu_count": os.cpu_count(),
         "host_load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
@@ -109,14 +109,21 @@ def _row(p: dict[str, Any], scaling: bool) -> list[str]:
         _number(p["model_flops_per_s"] / 1e12, 2) if p.get("model_flops_per_s") else "-",
         "-" if memory is None else f"{memory / 2**30:.1f}",
         _percent(p.get("bandwidth_fraction")),
-        _number(p.get("pytorch_tokens_per_s")),
-        "-" if p.get("ratio") is None else f"{p['ratio']:.2f}x",
+        *_pytorch_cells(p, "pytorch", "ratio"),
+        *_pytorch_cells(p, "pytorch_compiled", "ratio_compiled"),
     ]
+
+
+def _pytorch_cells(p: dict[str, Any], column: str, ratio: str) -> list[str]:
+    """tok/s and ratio of one PyTorch column (benchmarks/compare.py): 'n/a' where it could not run."""
+    if p.get(ratio) is None:
+        return ["n/a", "n/a"] if p.get(f"{column}_error") else ["-", "-"]
+    return [_number(p[f"{column}_tokens_per_s"]), f"{p[ratio]:.2f}x"]
 
 
 HEADER = [
     "job", "model", "batch", "seq", "dtype", "attn", "remat", "unroll", "dev", "tok/s", "min-max", "compile s", "MFU",
-    "TFLOP/s", "peak GiB", "of BW", "PyTorch tok/s", "ratio",
+    "TFLOP/s", "peak GiB", "of BW", "PyTorch tok/s", "ratio", "torch.compile tok/s", "ratio",
 ]  # fmt: skip
 SCALING_COLUMN = "scaling"  # after min-max, where any point has a scaling_efficiency
 SCALING_NOTE = (
@@ -185,7 +192,8 @@ def _series_label(p: dict[str, Any]) -> str:
 
 
 def plot(path: str, points: Sequence[dict[str, Any]], title: str = "") -> None:
-    """Tokens/s against batch size, one panel per job, one line per configuration (PyTorch dashed)."""
+    """Tokens/s against batch size, one panel per job, one line per configuration (PyTorch dashed, torch.compile
+    dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,12 +213,13 @@ def plot(path: str, points: Sequence[dict[str, Any]], title: str = "") -> None:
             ps = sorted(ps, key=lambda p: p["batch"])
             batches = [p["batch"] for p in ps]
             line = ax.plot(batches, [p["tokens_per_s"] for p in ps], "o-", label=label)[0]
-            torch_ps = [p for p in ps if p.get("pytorch_tokens_per_s")]
-            if torch_ps:
-                ax.plot(
-                    [p["batch"] for p in torch_ps], [p["pytorch_tokens_per_s"] for p in torch_ps], "s--",
-                    color=line.get_color(), alpha=0.6, label=f"{label} (PyTorch)",
-                )  # fmt: skip
+            for column, style, name in (("pytorch", "s--", "PyTorch"), ("pytorch_compiled", "^:", "torch.compile")):
+                torch_ps = [p for p in ps if p.get(f"{column}_tokens_per_s")]
+                if torch_ps:
+                    ax.plot(
+                        [p["batch"] for p in torch_ps], [p[f"{column}_tokens_per_s"] for p in torch_ps], style,
+                        color=line.get_color(), alpha=0.6, label=f"{label} ({name})",
+                    )  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size (sequences)")

@@ -4,8 +4,9 @@ A sweep is one job over a grid: presets x batch sizes x attention x remat x scan
 points come from `benchmarks/train.py`, prefill and decode points from `benchmarks/decode.py`; this file adds what
 the suite promises on top of them: several timed runs per point (median and min/max), MFU against the device's peak
 (a datasheet for known accelerators, a matmul measured in this run on a CPU), model FLOP/s, device memory, the
-memory-bandwidth bound for decoding, the PyTorch comparison (on the GPU too, in the compute dtype) and the scaling
-over device counts. A point that fails is kept with its `error` and the rest still run.
+memory-bandwidth bound for decoding, the PyTorch comparison (eager and under torch.compile, benchmarks/compare.py;
+on the GPU too, in the compute dtype) and the scaling over device counts. A point that fails is kept with its
+`error` and the rest still run.
 
 Fields of a point:
     job                 'train', 'prefill' or 'decode'
@@ -23,7 +24,11 @@ Fields of a point:
     mfu, peak_flops, peak_source   train: model FLOP/s over the peak of the devices used
     memory_bytes_in_use, memory_peak_bytes   where the backend reports them (peak since the process started)
     bandwidth_fraction, bound_ms_per_step, bytes_per_step   decode: see benchmarks/bandwidth.py
+    first_loss, first_grad_norm   train: the loss and gradient norm of the first step (before any update)
     pytorch_tokens_per_s, pytorch_tokens_per_s_min/_max, ratio   with --compare pytorch
+    pytorch_compiled_tokens_per_s (_min/_max), ratio_compiled, pytorch_compiled_backend   the same under
+                        torch.compile (the sweep's backend); {pytorch,pytorch_compiled}_error where a column could
+                        not run (benchmarks/compare.py)
     speedup, scaling_efficiency   train points measured on several device counts at the same global batch and
                         configuration (the `scaling` suite): tokens/s over the 1-device point's, and that speed-up over
                         the ideal one, which is the ratio of the peaks (N on N accelerators; 1 on a CPU, whose host
@@ -33,9 +38,9 @@ Fields of a point:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
-import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -43,7 +48,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import bandwidth, decode
+from benchmarks import bandwidth, compare, decode
 from benchmarks import train as train_bench
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
@@ -70,6 +75,7 @@ class Sweep:
     compare_batches: tuple[int, ...] | None = None  # where --compare pytorch applies; None: every batch
     batch_per_device: bool = False  # train: `batches` are per device (weak scaling), else global
     scan_unroll: tuple[int | None, ...] = (None,)  # train only: layers per scan step; None: train.py's default
+    torch_compile: str | None = "inductor"  # backend of the torch.compile column (with --compare); None: none
 
     def grid(self) -> Iterator[dict[str, Any]]:
         for preset, remat, attention, scan_unroll, devices, batch in itertools.product(
@@ -82,12 +88,14 @@ class Sweep:
 
 _GPU_TRAIN = dict(presets=("124M",), seq=1024, dtype="bfloat16")
 SUITES: dict[str, tuple[Sweep, ...]] = {
-    # Seconds, for the test suite: every code path at the smallest shapes.
+    # Seconds, for the test suite: every code path at the smallest shapes (torch.compile's graph capture without
+    # inductor's minute of code generation).
     "toy": (
-        Sweep("train", ("tiny",), (2,), seq=32),
-        Sweep("decode", ("tiny",), (2,), seq=8, new_tokens=8),
+        Sweep("train", ("tiny",), (2,), seq=32, torch_compile="eager"),
+        Sweep("decode", ("tiny",), (2,), seq=8, new_tokens=8, torch_compile="eager"),
     ),
-    # About 3 minutes on an idle 2-core CPU: the goals of the training and sampling issues, against PyTorch.
+    # About 3 minutes on an idle 2-core CPU, plus torch.compile's compiles: the goals of the training and sampling
+    # issues, against PyTorch.
     "quick": (
         Sweep("train", ("mini",), (8,), seq=256),
         Sweep("decode", ("124M",), (1, 8), seq=16, new_tokens=128),
@@ -211,14 +219,15 @@ class Runner:
                 if key in seen:  # e.g. 'all' devices on a one-device machine, 'auto' attention where it means xla
                     continue
                 seen.add(key)
-                compare = self.compare and (sweep.compare_batches is None or spec["batch"] in sweep.compare_batches)
-                points += self._measure(sweep, spec, compare)
+                at = sweep.compare_batches
+                with_pytorch = self.compare and (at is None or spec["batch"] in at)
+                points += self._measure(sweep, spec, with_pytorch)
                 add_scaling(points)
                 if on_point:
                     on_point(points)
         return points
 
-    def _measure(self, sweep: Sweep, spec: dict[str, Any], compare: bool) -> list[dict]:
+    def _measure(self, sweep: Sweep, spec: dict[str, Any], with_pytorch: bool) -> list[dict]:
         config = get_config(spec["preset"])
         base = dict(
             job=sweep.job, preset=spec["preset"], n_layer=config.n_layer, n_embd=config.n_embd, batch=spec["batch"],
@@ -229,18 +238,18 @@ class Runner:
         try:
             base["devices"] = resolve_devices(spec["devices"])
             if sweep.job == "train":
-                points = [self._train_point(sweep, base, compare)]
+                points = [self._train_point(sweep, base, with_pytorch)]
             else:
-                points = self._decode_points(sweep, base, compare)
+                points = self._decode_points(sweep, base, with_pytorch)
         except Exception as e:  # one failed point (out of memory, an unsupported kernel) must not end the run
             self.log(f"FAILED {sweep.job} {spec}: {type(e).__name__}: {e}")
             self.log(traceback.format_exc(limit=-3).rstrip())
-            return [dict(base, error=_one_line(e))]
+            return [dict(base, error=compare.one_line(e))]
         for p in points:
             p.update(bandwidth.memory_in_use(self.device))
         return points
 
-    def _train_point(self, sweep: Sweep, base: dict[str, Any], compare: bool) -> dict:
+    def _train_point(self, sweep: Sweep, base: dict[str, Any], with_pytorch: bool) -> dict:
         repeats = self.repeats or 5
         point = train_bench.measure_point(
             base["preset"], base["batch"], sweep.seq, dtype=sweep.dtype, devices=base["devices"],
@@ -248,29 +257,30 @@ class Runner:
             pytorch=False, peak=self.peak(sweep.dtype),
         )  # fmt: skip
         point["repeats"] = repeats
-        if compare and base["devices"] == 1:
+        if with_pytorch and base["devices"] == 1:
             config = get_config(base["preset"], dtype=sweep.dtype)
             params = init_params(config, 0)  # the weights measure_point trained (seed 0), for PyTorch
             batch_BT1 = train_bench.random_batch(config, base["batch"], sweep.seq)
 
-            def seconds() -> list[float] | None:
+            def seconds(backend: str | None) -> list[float] | None:
                 device = train_bench.pytorch_device(sweep.dtype)
                 if device is None:  # no like-for-like PyTorch run (a 16-bit dtype on a CPU)
                     return None
                 return train_bench.time_pytorch(
-                    config, params, batch_BT1, device=device, dtype=sweep.dtype, repeats=repeats
-                )
+                    config, params, batch_BT1, device=device, dtype=sweep.dtype, repeats=repeats,
+                    torch_compile=backend,
+                )  # fmt: skip
 
-            self._compare(point, base["batch"] * sweep.seq, seconds)
+            self._compare(point, base["batch"] * sweep.seq, seconds, sweep.torch_compile)
         self.log(
             f"train   {base['preset']} batch {base['batch']:>3} x {sweep.seq} {sweep.dtype} {base['attention']}"
             f"{' remat' if base['remat'] else ''} unroll {base['scan_unroll']} on {base['devices']} device(s): "
             f"{point['tokens_per_s']:,.0f} tok/s, MFU {100 * point['mfu']:.1f}%, compile {point['compile_s']:.1f} s"
-            + _ratio_text(point)
+            + compare.ratio_text(point)
         )
         return point
 
-    def _decode_points(self, sweep: Sweep, base: dict[str, Any], compare: bool) -> list[dict]:
+    def _decode_points(self, sweep: Sweep, base: dict[str, Any], with_pytorch: bool) -> list[dict]:
         config, weights = self.model(base["preset"], sweep.dtype)
         batch, new_tokens = base["batch"], sweep.new_tokens
         prompt_BT = np.random.default_rng(0).integers(0, config.n_vocab, (batch, sweep.seq)).astype(np.int32)
@@ -293,35 +303,31 @@ class Runner:
                 seconds_per_step=step_s, bandwidth=self.bandwidth(),
             ),
         )  # fmt: skip
-        if compare:
+        if with_pytorch:
 
-            def seconds() -> list[float]:
+            def seconds(backend: str | None) -> list[float]:
                 model = self.model(base["preset"], sweep.dtype, "torch")[1]
                 device = self._model["torch_device"]
-                return decode.time_pytorch(model, prompt_BT, new_tokens, sweep.top_k, repeats, device=device)
+                return decode.time_pytorch(
+                    model, prompt_BT, new_tokens, sweep.top_k, repeats, device=device, torch_compile=backend
+                )
 
-            self._compare(point, batch * new_tokens, seconds)
+            self._compare(point, batch * new_tokens, seconds, sweep.torch_compile)
         self.log(
             f"decode  {base['preset']} batch {batch:>3} {sweep.seq}+{new_tokens}: {point['tokens_per_s']:,.1f} tok/s, "
             f"{point['per_token_ms']:.2f} ms/step, {100 * point['bandwidth_fraction']:.0f}% of the bandwidth bound, "
-            f"compile {compile_s:.1f} s" + _ratio_text(point)
+            f"compile {compile_s:.1f} s" + compare.ratio_text(point)
         )
         return [prefill, point]
 
-    def _compare(self, point: dict, tokens: int, seconds: Callable[[], list | None]) -> None:
-        """Add PyTorch's rate and the ratio to `point`; a PyTorch failure is noted there, ours is kept."""
-        try:
-            times = seconds()
-        except Exception as e:
-            self.log(f"PyTorch comparison failed: {_one_line(e)}")
-            point["pytorch_error"] = _one_line(e)
-            return
-        finally:
-            torch = sys.modules.get("torch")  # imported by the comparison, unless it failed before
-            if torch is not None and torch.cuda.is_available():
-                torch.cuda.empty_cache()  # hand PyTorch's cached blocks back for the JAX points
-        if times is not None:
-            _add_pytorch(point, tokens / np.array(times))
+    def _compare(
+        self, point: dict, tokens: int, seconds: Callable[[str | None], list | None], backend: str | None
+    ) -> None:
+        """Add the PyTorch columns (eager; compiled with `backend` where given) to `point`: `seconds(backend)`
+        times one; a PyTorch failure is noted in the point, ours is kept."""
+        for column, column_backend in compare.columns(backend):
+            timed = functools.partial(seconds, column_backend)
+            compare.add_column(point, column, tokens, timed, self.log, column_backend)
 
 
 def add_scaling(points: Sequence[dict]) -> None:
@@ -341,10 +347,6 @@ def add_scaling(points: Sequence[dict]) -> None:
             p["scaling_efficiency"] = p["speedup"] / (p["peak_flops"] / one[0]["peak_flops"])
 
 
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}".rstrip(": ")[:300]
-
-
 def _rates(tokens_per_s: np.ndarray) -> dict[str, float]:
     return {
         "tokens_per_s": float(np.median(tokens_per_s)),
@@ -352,15 +354,3 @@ def _rates(tokens_per_s: np.ndarray) -> dict[str, float]:
         "tokens_per_s_max": float(np.max(tokens_per_s)),
         "repeats": len(tokens_per_s),
     }
-
-
-def _add_pytorch(point: dict, torch_tokens_per_s: np.ndarray) -> None:
-    rates = _rates(torch_tokens_per_s)
-    point.update({f"pytorch_{k}": rates[k] for k in ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max")})
-    point["ratio"] = point["tokens_per_s"] / rates["tokens_per_s"]
-
-
-def _ratio_text(point: dict) -> str:
-    if point.get("ratio") is None:
-        return ""
-    return f" | PyTorch {point['pytorch_tokens_per_s']:,.1f} tok/s, ratio {point['ratio']:.2f}x"

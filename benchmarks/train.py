@@ -9,7 +9,10 @@ random model and random tokens; the compile is timed apart and the steady state 
 PyTorch runs the same step in the same process: `GPT2LMHeadModel` (SDPA attention) holding the same weights,
 float32 cross-entropy over the same targets, `clip_grad_norm_`, `torch.optim.AdamW` with the same decay groups and
 hyperparameters; on a CPU in float32, on CUDA with fp32 weights and autocast to the compute dtype (our precision
-recipe). The two take their timed steps in turns, so load from other programs slows both alike. MFU is model FLOPs
+recipe). With `--torch_compile BACKEND` (default inductor) the same step runs once more with its forward and loss
+under `torch.compile`, a second PyTorch column (benchmarks/compare.py). The steps are timed in turns, so load from
+other programs slows all alike. Each point also keeps the first step's loss and gradient norm (before any update),
+which benchmarks/gpu_verify.py checks against a plain-loss step. MFU is model FLOPs
 (6N + 12LHQT per token, gpt2_jax.model.flops) over the device's peak: a datasheet figure on known accelerators,
 on a CPU a large matmul measured in this run (machines shared with other work give noisy numbers: report the
 load beside them).
@@ -27,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from benchmarks import compare
 from gpt2_jax.config import GPT2Config, get_config
 from gpt2_jax.model.flops import flops_per_token, peak_flops
 from gpt2_jax.model.transformer import init_params
@@ -53,9 +57,10 @@ def model_config(
 
 def our_step(
     config: GPT2Config, params: Any, batch_BT1: np.ndarray, *, devices: int | str = 1, accumulate: int = 1
-) -> tuple[Callable[[], None], float]:
-    """(one timed training step, compile seconds) for our train step on `devices` local devices, `config` as given
-    (build it with `model_config` to time what train.py runs)."""
+) -> tuple[Callable[[], dict[str, float]], float, dict[str, float]]:
+    """(one timed training step, compile seconds, the first step's metrics) for our train step on `devices` local
+    devices, `config` as given (build it with `model_config` to time what train.py runs). A step returns its
+    metrics: `loss` (before the update) and `grad_norm` (before clipping), as floats."""
     mesh = make_mesh(select_devices(devices))
     schedule = learning_rate_schedule(HYPER["learning_rate"], warmup_steps=0, total_steps=10**6, schedule="constant")
     optimizer = make_optimizer(
@@ -66,15 +71,16 @@ def our_step(
     train_step = build_train_step(config, optimizer, schedule, mesh, accumulate=accumulate)
     batch = shard_batch(batch_BT1, mesh)
 
-    def step() -> None:
+    def step() -> dict[str, float]:
         holder["state"], metrics = train_step(holder["state"], batch)
-        jax.block_until_ready(metrics)  # the host syncs every step here; train.py does not
+        metrics = jax.device_get(metrics)  # the host syncs every step here; train.py does not
+        return {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
 
     start = time.perf_counter()
-    step()
+    first = step()
     first_s = time.perf_counter() - start
     step()  # the second call still allocates for the first time; not part of steady state
-    return step, first_s
+    return step, first_s, first
 
 
 def time_ours(
@@ -82,7 +88,7 @@ def time_ours(
     repeats: int = 5,
 ) -> dict[str, Any]:  # fmt: skip
     """{'compile_s', 'step_s': [seconds per step]} of our train step alone."""
-    step, first_s = our_step(config, params, batch_BT1, devices=devices, accumulate=accumulate)
+    step, first_s, _ = our_step(config, params, batch_BT1, devices=devices, accumulate=accumulate)
     times = alternate({"ours": step}, repeats)["ours"]
     return {"compile_s": max(first_s - float(np.median(times)), 0.0), "step_s": times}
 
@@ -117,14 +123,17 @@ def torch_model(config: GPT2Config, params: Any, device: str = "cpu", *, attenti
 
 
 def pytorch_step(
-    config: GPT2Config, params: Any, batch_BT1: np.ndarray, *, device: str = "cpu", dtype: str = "float32"
-) -> Callable[[], float]:
+    config: GPT2Config, params: Any, batch_BT1: np.ndarray, *, device: str = "cpu", dtype: str = "float32",
+    torch_compile: str | None = None,
+) -> Callable[[], float]:  # fmt: skip
     """One training step of Hugging Face GPT2LMHeadModel + torch.optim.AdamW on `device` ('cpu' or 'cuda'), warmed
     up; it returns the loss once the step has finished on the device.
 
     The same step as ours: float32 weights and optimizer state, compute in `dtype` (autocast where it is not
     float32), float32 cross-entropy, global-norm clipping, AdamW with decay on 2-D weights only. AdamW runs as
-    `foreach` on a CPU and `fused` on CUDA (each device's fastest).
+    `foreach` on a CPU and `fused` on CUDA (each device's fastest). torch_compile: a torch.compile backend
+    ('inductor') for the forward and the loss, as nanoGPT compiles its model (the backward follows through
+    AOTAutograd; the warm-up step compiles); None: eager.
     """
     import torch
     import torch.nn.functional as F
@@ -142,10 +151,16 @@ def pytorch_step(
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     compute_dtype = getattr(torch, dtype)
 
-    def step() -> float:
+    def loss_of(inputs: Any, targets: Any) -> Any:
         with torch.autocast(device, dtype=compute_dtype, enabled=dtype != "float32"):
             logits = model(inputs).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    if torch_compile:
+        loss_of = torch.compile(loss_of, backend=torch_compile)
+
+    def step() -> float:
+        loss = loss_of(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), HYPER["grad_clip"])
         optimizer.step()
@@ -154,7 +169,7 @@ def pytorch_step(
             torch.cuda.synchronize()  # the whole step, not only the loss, must be done when the timer stops
         return float(loss.detach())
 
-    step()  # warm-up: allocations, optimizer state (and autotuning on CUDA)
+    step()  # warm-up: allocations, optimizer state (autotuning on CUDA; the compile under torch_compile)
     return step
 
 
@@ -171,32 +186,38 @@ def alternate(steps: dict[str, Callable[[], Any]], repeats: int) -> dict[str, li
 
 def time_pytorch(
     config: GPT2Config, params: Any, batch_BT1: np.ndarray, *, device: str = "cpu", dtype: str = "float32",
-    repeats: int = 5,
+    repeats: int = 5, torch_compile: str | None = None,
 ) -> list[float]:  # fmt: skip
-    """Seconds per PyTorch training step alone (`pytorch_step` on `device` in `dtype`)."""
-    step = pytorch_step(config, params, batch_BT1, device=device, dtype=dtype)
+    """Seconds per PyTorch training step alone (`pytorch_step` on `device` in `dtype`, under `torch_compile`)."""
+    step = pytorch_step(config, params, batch_BT1, device=device, dtype=dtype, torch_compile=torch_compile)
     return alternate({"pytorch": step}, repeats)["pytorch"]
 
 
 def measure_point(
     preset: str, batch: int, seq: int, *, dtype: str = "float32", devices: int | str = 1, accumulate: int = 1,
     attention: str = "auto", remat: bool = False, scan_unroll: int | None = None, repeats: int = 5,
-    pytorch: bool = True, peak: tuple[float, str] | None = None,
+    pytorch: bool = True, torch_compile: str | None = None, peak: tuple[float, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One benchmark point: the fields listed in benchmarks/suite.py for job 'train'.
 
     scan_unroll None: train.py's default for this device (see `model_config`). pytorch: also time the PyTorch
-    reference, in turns with ours, on one device where `pytorch_device` finds a like-for-like run.
+    reference, in turns with ours, on one device where `pytorch_device` finds a like-for-like run; torch_compile:
+    and the same step under torch.compile with this backend (benchmarks/compare.py's fields).
     """
     config = model_config(preset, dtype=dtype, attention=attention, remat=remat, scan_unroll=scan_unroll)
     params = init_params(config, 0)
     batch_BT1 = random_batch(config, batch, seq)
     n_devices = len(select_devices(devices))
-    ours, first_s = our_step(config, params, batch_BT1, devices=devices, accumulate=accumulate)
-    steps = {"ours": ours}
+    ours, first_s, first = our_step(config, params, batch_BT1, devices=devices, accumulate=accumulate)
+    steps, errors = {"ours": ours}, {}
     torch_device = pytorch_device(dtype) if pytorch and n_devices == 1 else None
-    if torch_device:
-        steps["pytorch"] = pytorch_step(config, params, batch_BT1, device=torch_device, dtype=dtype)
+    for column, backend in compare.columns(torch_compile) if torch_device else []:
+        try:
+            steps[column] = pytorch_step(
+                config, params, batch_BT1, device=torch_device, dtype=dtype, torch_compile=backend
+            )
+        except Exception as e:  # e.g. inductor without a C++ compiler: the column says why, the point stays
+            errors[f"{column}_error"] = compare.one_line(e)
     times = alternate(steps, repeats)
     step_s = float(np.median(times["ours"]))
     tokens_per_s = batch * seq / step_s
@@ -211,35 +232,35 @@ def measure_point(
         tokens_per_s_min=batch * seq / max(times["ours"]), tokens_per_s_max=batch * seq / min(times["ours"]),
         compile_s=max(first_s - step_s, 0.0),
         model_flops_per_s=model_flops_per_s, mfu=model_flops_per_s / peak_total, peak_flops=peak_total,
-        peak_source=peak_source, pytorch_tokens_per_s=None, ratio=None,
+        peak_source=peak_source, first_loss=first["loss"], first_grad_norm=first["grad_norm"],
+        pytorch_tokens_per_s=None, ratio=None, **errors,
     )  # fmt: skip
-    if torch_device:
-        point["pytorch_tokens_per_s"] = batch * seq / float(np.median(times["pytorch"]))
-        point["ratio"] = tokens_per_s / point["pytorch_tokens_per_s"]
+    for column in compare.COLUMNS:
+        if column in times:
+            point[f"{column}_tokens_per_s"] = batch * seq / float(np.median(times[column]))
+            point[compare.RATIO[column]] = tokens_per_s / point[f"{column}_tokens_per_s"]
+    if torch_device and torch_compile:
+        point["pytorch_compiled_backend"] = torch_compile
     return point
 
 
 def run(
     presets: Sequence[str] = ("mini",), batches: Sequence[int] = (8,), seq: int = 256, *, dtype: str = "float32",
     devices: Sequence[int | str] = (1,), scan_unroll: int | None = None, repeats: int = 5, pytorch: bool = True,
-    log: Callable[[str], None] = print,
+    torch_compile: str | None = None, log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Benchmark points for every (preset, batch, devices); a CPU peak is measured before and after, the best kept."""
+    """Benchmark points for every (preset, batch, devices); a CPU peak is measured once, before the first point
+    (the median of 7 matmuls)."""
     peak = peak_flops(jax.local_devices()[0], dtype)
     points = []
     for preset in presets:
         for batch in batches:
             for n in devices:
                 point = measure_point(preset, batch, seq, dtype=dtype, devices=n, scan_unroll=scan_unroll,
-                                      repeats=repeats, pytorch=pytorch, peak=peak)  # fmt: skip
+                                      repeats=repeats, pytorch=pytorch, torch_compile=torch_compile,
+                                      peak=peak)  # fmt: skip
                 points.append(point)
                 log(format_point(point))
-    after = peak_flops(jax.local_devices()[0], dtype)
-    if after[0] > peak[0]:  # another program held the cores during the first measurement
-        for p in points:
-            p["peak_flops"] *= after[0] / peak[0]
-            p["mfu"] = p["model_flops_per_s"] / p["peak_flops"]
-        peak = after
     log(f"peak: {peak[0] / 1e9:.1f} GFLOP/s ({peak[1]}); mfu of the points above: "
         + ", ".join(f"{100 * p['mfu']:.1f}%" for p in points))  # fmt: skip
     return points
@@ -254,7 +275,7 @@ def format_point(p: dict[str, Any]) -> str:
     )
     if p.get("ratio"):
         line += f"  | PyTorch {p['pytorch_tokens_per_s']:9.1f} tok/s  ratio {p['ratio']:.2f}x"
-    return line
+    return line + compare.compiled_text(p)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -268,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--scan_unroll", type=int, default=None, help="layers per scan step (default: train.py's)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-pytorch", dest="pytorch", action="store_false")
+    p.add_argument("--torch_compile", default="inductor", help="torch.compile backend of the second PyTorch column, "
+                   "or 'off' (default: inductor)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the points to this file")
     args = p.parse_args(argv)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -275,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     points = run(
         args.presets, args.batches, args.seq, dtype=args.dtype, devices=args.devices, scan_unroll=args.scan_unroll,
         repeats=args.repeats, pytorch=args.pytorch, log=lambda s: print(s, flush=True),
+        torch_compile=None if args.torch_compile == "off" else args.torch_compile,
     )  # fmt: skip
     print(f"load average after: {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
     if args.json:
