@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpt2_jax.cli import ArgumentParser, run_cli
+from gpt2_jax.compile_cache import use_compile_cache
 from gpt2_jax.console import warn
 from gpt2_jax.errors import UsageError, UserError
 
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)",
     )
     p.add_argument("--format", choices=("text", "jsonl"), default="text", help="text (OpenAI's layout) or jsonl")
+    p.add_argument(
+        "--no_compile_cache",
+        action="store_true",
+        help="compile anew instead of reusing the persistent JAX compilation cache (default: on, in "
+        "$GPT2_JAX_CACHE/jax_cache or ~/.cache/gpt2_jax/jax_cache)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -141,6 +148,7 @@ def prompt_sampler(args: argparse.Namespace) -> Callable[[str], None]:
     from gpt2_jax.sampling.processors import SamplingConfig
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # flag ranges
+    use_compile_cache(not args.no_compile_cache)
     sampler = load_sampler(args.model, args.dtype)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     printer = Printer(args.format, seed)

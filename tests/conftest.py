@@ -1,4 +1,4 @@
-"""Fixtures shared by the test files that train: a small slice of the bundled corpus."""
+"""Fixtures shared by the test files: a slice of the bundled corpus, and a compilation cache of the session's own."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_compile_cache(tmp_path_factory):
+    """train.py/sample.py keep JAX's compilation cache in $GPT2_JAX_CACHE: a folder of this session, never the
+    user's ~/.cache (subprocesses inherit the variable, so the suite's commands also share compiled code)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("GPT2_JAX_CACHE", str(tmp_path_factory.mktemp("gpt2_jax_cache")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="module")

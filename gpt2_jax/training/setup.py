@@ -203,6 +203,7 @@ def _load_dataset_once(path: str, tokenizer: Tokenizer, cfg: TrainConfig) -> Tok
 # --- the summary ----------------------------------------------------------------------------------------------------
 @functools.cache
 def _peak_flops(device: jax.Device, dtype: str) -> tuple[float, str]:
+    """The peak behind MFU, taken once per process (a CPU's is measured): every log line of a run divides by it."""
     return peak_flops(device, dtype)
 
 
