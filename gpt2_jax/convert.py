@@ -6,12 +6,16 @@
 
 The output directory is built under a temporary name beside OUT and renamed into place when complete; a non-empty
 OUT is refused unless --force. TF checkpoints have every tensor's crc32c verified (a one-off cost, unlike loading).
+
+`--to hf` is a complete transformers model: weights and config.json, the tokenizer files AutoTokenizer loads,
+generation_config.json with sample.py's defaults, and a model card whose metadata says what the run knows: the model
+it started from, its data, steps and newest validation loss (weights/hf_export.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -20,10 +24,17 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from gpt2_jax.cli import ArgumentParser, run_cli
-from gpt2_jax.config import DTYPES
+from gpt2_jax.config import ALIASES, DTYPES, PRESETS, preset_names
+from gpt2_jax.console import note
+from gpt2_jax.download import HF_REPOS
 from gpt2_jax.errors import UsageError, UserError, short_reason
 from gpt2_jax.io import atomic_directory
 from gpt2_jax.model.params import count_params
+from gpt2_jax.sampling.processors import SamplingConfig
+from gpt2_jax.tokenizers.sentencepiece import SentencePieceTokenizer
+from gpt2_jax.training.config import is_scratch
+from gpt2_jax.training.run_dir import RunDir
+from gpt2_jax.weights import hf_export, hub
 from gpt2_jax.weights.loading import LoadedModel, load_model
 from gpt2_jax.weights.native import save_native_model
 from gpt2_jax.weights.openai import write_openai_checkpoint
@@ -56,21 +67,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _write_hf_tokenizer_names(directory: Path) -> None:
-    """Hugging Face's names for GPT-2's vocabulary files (same content), so its tokenizers load OUT too."""
-    for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        if (directory / ours).is_file():
-            shutil.copyfile(directory / ours, directory / theirs)
-
-
-def write(directory: Path, model: LoadedModel, to: str, dtype: str) -> None:
-    """Fill `directory` with `model` in format `to` (its tokenizer included)."""
+def write(directory: Path, model: LoadedModel, to: str, dtype: str, name: str) -> None:
+    """Fill `directory` (to become OUT, named `name`) with `model` in format `to`, its tokenizer included."""
     if to == "native":
         save_native_model(directory, model.params, model.config, model.tokenizer)
     elif to == "hf":
-        write_safetensors_model(directory, model.params, model.config, dtype=dtype)
-        model.tokenizer.save(directory)
-        _write_hf_tokenizer_names(directory)
+        write_hf(directory, model, dtype, name)
     else:
         write_openai_checkpoint(directory, model.params, model.config)
         model.tokenizer.save(directory)
@@ -85,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_s = time.perf_counter() - start
         print(f"read {model.source} in {read_s:.1f} s; writing {args.to} to {args.out}", file=sys.stderr, flush=True)
         try:
-            write(tmp, model, args.to, args.dtype)
+            write(tmp, model, args.to, args.dtype, Path(args.out).name)
         except WRITE_ERRORS as e:  # the temporary directory is removed on the way out: nothing half-written stays
             raise UserError(
                 f"Could not write {args.out} ({short_reason(e)}); nothing was written there: free disk space "
@@ -94,6 +96,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     print(f"converted {count_params(model.config):,} parameters to {args.out} ({args.to}) in {elapsed:.1f} s")
     return 0
+
+
+def write_hf(directory: Path, model: LoadedModel, dtype: str, name: str) -> None:
+    """A transformers model: weights, config, tokenizer files, generation defaults and a model card."""
+    eot = hf_export.special_id(model.tokenizer, model.config)
+    if eot is None:
+        note(
+            f"the model's vocabulary ({model.config.n_vocab} ids) does not hold its tokenizer's end-of-text id "
+            f"{model.tokenizer.eot_id}, so the export names no end-of-text token"
+        )
+    write_safetensors_model(directory, model.params, model.config, dtype=dtype, eot_id=eot)
+    model.tokenizer.save(directory)
+    defaults = SamplingConfig()
+    sampling = {k: getattr(defaults, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
+    files = {
+        **hf_export.tokenizer_files(model.tokenizer, model.config),
+        # sample.py's default --length: half the context
+        "generation_config.json": hf_export.generation_config(sampling, model.config.n_ctx // 2, eot),
+        "README.md": hf_export.model_card(card_facts(model, name)),
+    }
+    for file, data in files.items():
+        (directory / file).write_bytes(data)
+
+
+def card_facts(model: LoadedModel, name: str) -> hf_export.CardFacts:
+    """What the model card can say: the model, and for a training run's checkpoint, how it was trained."""
+    tokenizer = model.tokenizer
+    vocab = f"a {tokenizer.n_vocab}-piece SentencePiece vocabulary"
+    facts = hf_export.CardFacts(
+        name=name, source=model.source, config=model.config, n_params=count_params(model.config),
+        tokenizer=vocab if isinstance(tokenizer, SentencePieceTokenizer) else "GPT-2's byte-level BPE",
+    )  # fmt: skip
+    run = RunDir(model.directory, writer=False) if model.step is not None and model.directory else None
+    training = run.read_training_options() if run else None
+    if not training:
+        return facts
+    records = [r for r in run.read_metrics() if r.get("step", 0) <= model.step]
+    validated = [r for r in records if "val_loss" in r]
+    dataset = Path(training["dataset"]).name if training.get("dataset") else "gpt2-jax's bundled Shakespeare corpus"
+    return dataclasses.replace(
+        facts,
+        base_model=base_model(training.get("init"), model),
+        from_scratch=random_start(training.get("init")),
+        dataset=dataset,
+        steps=model.step,
+        tokens=next((r["tokens"] for r in reversed(records) if "tokens" in r), None),
+        val_loss=(validated[-1]["step"], validated[-1]["val_loss"]) if validated else None,
+    )
+
+
+def random_start(init: str | None) -> bool:
+    """Whether a run's --init was random weights: scratch:PRESET, or a preset name (no folder of that name)."""
+    return bool(init) and (is_scratch(init) or init in preset_names())
+
+
+def base_model(init: str | None, model: LoadedModel) -> str | None:
+    """The Hub id of the model a run started from, where its --init tells: a Hub id, or a released GPT-2's folder
+    (models/124M, models/gpt2-medium, ...) of the same shape."""
+    if not init or random_start(init):
+        return None
+    release = ALIASES.get(Path(init).name, Path(init).name)
+    if release in HF_REPOS and PRESETS[release].to_hparams() == model.config.to_hparams():
+        return f"openai-community/{HF_REPOS[release]}"
+    if hub.is_hub_id(init) and not Path(init).exists():
+        return init
+    return None
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
     python -m gpt2_jax.download 124M                         # -> models/124M (also 355M, 774M, 1558M; 117M/345M)
     python -m gpt2_jax.download 124M --source huggingface    # -> models/gpt2 (model.safetensors + config.json)
 
-Each file streams into NAME.part, is checked against the server's size, and is renamed to NAME only when complete.
-An interrupted download resumes from the .part file with an HTTP Range request. `--base_url` (or the environment
-variable GPT2_JAX_BASE_URL) points at a mirror: files are fetched from BASE/NAME/FILE (OpenAI) or
-BASE/openai-community/REPO/resolve/main/FILE (Hugging Face).
+OpenAI's files each stream into NAME.part, are checked against the server's size, and are renamed to NAME only
+when complete; an interrupted download resumes from the .part file with an HTTP Range request. The hub's files come
+through huggingface_hub (weights/hub.py) in its local-folder mode (its bookkeeping lies in models/gpt2/.cache/): it
+checks each file against the hub's size and resumes a dropped connection, but a killed download starts over.
+`--base_url` (or the environment variable GPT2_JAX_BASE_URL) points at a mirror: OpenAI's files are fetched from
+BASE/NAME/FILE, the hub's from a mirror of the hub's API at BASE (as HF_ENDPOINT, which huggingface_hub honours when
+neither is given).
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from gpt2_jax.config import ALIASES
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.io import atomic_write_bytes
 from gpt2_jax.tokenizers.gpt2_bpe import PACKAGED_GPT2_DIR
+from gpt2_jax.weights import hub
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
-HF_BASE_URL = "https://huggingface.co"
 OPENAI_FILES = (
     "checkpoint",
     "encoder.json",
@@ -132,20 +135,16 @@ def download_file(url: str, dest: Path) -> None:
 def download(name: str, *, source: str = "openai", base_url: str | None = None, models_dir: str = "models") -> Path:
     """Download a GPT-2 release into `models_dir` and return its directory; complete files are not fetched again."""
     name = model_name(name)
-    if source == "openai":
-        base = (base_url or os.environ.get("GPT2_JAX_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
-        directory = Path(models_dir) / name
-        urls = {file: f"{base}/{name}/{file}" for file in OPENAI_FILES}
-    else:
-        base = (base_url or os.environ.get("GPT2_JAX_BASE_URL") or HF_BASE_URL).rstrip("/")
-        directory = Path(models_dir) / HF_REPOS[name]
-        urls = {file: f"{base}/openai-community/{HF_REPOS[name]}/resolve/main/{file}" for file in HF_FILES}
+    mirror = (base_url or os.environ.get("GPT2_JAX_BASE_URL") or "").rstrip("/") or None
+    directory = Path(models_dir) / (name if source == "openai" else HF_REPOS[name])
     directory.mkdir(parents=True, exist_ok=True)
-    for file, url in urls.items():
+    for file in OPENAI_FILES if source == "openai" else HF_FILES:
         if (directory / file).is_file():
             print(f"{directory / file} already downloaded", file=sys.stderr)
-            continue
-        download_file(url, directory / file)
+        elif source == "openai":
+            download_file(f"{mirror or OPENAI_BASE_URL}/{name}/{file}", directory / file)
+        else:
+            hub.fetch(f"openai-community/{HF_REPOS[name]}", [file], directory, endpoint=mirror)
     if source != "openai":  # the hub's tokenizer files differ in name only: ship the packaged GPT-2 vocabulary
         for file in ("encoder.json", "vocab.bpe"):
             atomic_write_bytes(directory / file, (PACKAGED_GPT2_DIR / file).read_bytes())

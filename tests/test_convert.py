@@ -41,6 +41,12 @@ def test_convert_to_hf_loads_in_transformers_with_the_same_logits(tmp_path):
     result = run_command(FIXTURE / "openai", out, "--to", "hf")
     assert result.returncode == 0, result.stderr
     assert "converted 168,192 parameters" in result.stdout
+    # GPT-2's vocabulary with a 1000-id model: no end-of-text id inside it, so none is named (transformers 5 keys).
+    assert "end-of-text id 50256, so the export names no end-of-text token" in result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None
+    assert config["dtype"] == "float32" and "torch_dtype" not in config
+    assert "bos_token_id" not in json.loads((out / "generation_config.json").read_text())
     model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(REFERENCE["tokens"].astype(np.int64))).logits.numpy()

@@ -1,5 +1,6 @@
-"""`python -m gpt2_jax.download` against a local HTTP server that serves the fixture in OpenAI's (and the hub's) layout,
-with Range support and injected faults: a dropped connection (then a resumed download) and a server error."""
+"""`python -m gpt2_jax.download` against a local HTTP server that serves the fixture in OpenAI's layout, with Range
+support and injected faults (a dropped connection, then a resumed download; a server error), and against a local
+stand-in for the Hugging Face Hub (hub_server.py) for `--source huggingface`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hub_server import HubServer
 
 from gpt2_jax.download import OPENAI_FILES, download
 from gpt2_jax.errors import UserError
@@ -67,14 +69,12 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path) -> Iterator[Server]:
-    """The fixture as OpenAI's bucket lays it out (124M/<7 files>) and as the hub does (openai-community/gpt2)."""
+    """The fixture as OpenAI's bucket lays it out: 124M/<7 files>."""
     release = tmp_path / "www" / "124M"
     shutil.copytree(FIXTURE / "openai", release)
     for name in ("encoder.json", "vocab.bpe"):
         shutil.copy(PACKAGED_GPT2_DIR / name, release)
     (release / "model.ckpt.meta").write_bytes(os.urandom(3000))  # a TF graph in the real release; never read
-    hub = tmp_path / "www" / "openai-community" / "gpt2" / "resolve" / "main"
-    shutil.copytree(FIXTURE / "hf", hub)
     served = Server(tmp_path / "www")
     yield served
     served.httpd.shutdown()
@@ -123,19 +123,31 @@ def test_server_error_is_one_sentence_and_nothing_half_written(server, tmp_path)
     assert not (directory / "model.ckpt.index").exists()  # files after the failing one were not started
 
 
-def test_huggingface_source_and_the_real_command(server, tmp_path):
-    env = {**os.environ, "GPT2_JAX_BASE_URL": server.url}
-    result = subprocess.run(
-        [sys.executable, "-m", "gpt2_jax.download", "gpt2", "--source", "huggingface", "--models_dir", tmp_path],
-        capture_output=True,
-        text=True,
-        env=env,
+def test_huggingface_source_and_the_real_command(tmp_path):
+    hub = HubServer({"openai-community/gpt2": FIXTURE / "hf"})
+    env = {**os.environ, "GPT2_JAX_BASE_URL": hub.url, "HF_HOME": str(tmp_path / "hf_home")}
+    command = [sys.executable, "-m", "gpt2_jax.download", "gpt2", "--source", "huggingface", "--models_dir", tmp_path]
+    try:
+        medium = [*command[:3], "355M", *command[4:]]  # not on this hub
+        failed = subprocess.run(medium, capture_output=True, text=True, env=env, timeout=120)
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        hub.close()
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.splitlines()[-1].startswith(
+        "error: Downloading config.json of openai-community/gpt2-medium failed: the Hugging Face Hub has no model"
     )
     assert result.returncode == 0, result.stderr
     directory = tmp_path / "gpt2"
     assert str(directory) in result.stdout
     _same_files(directory, FIXTURE / "hf", ("model.safetensors", "config.json"))
     _same_files(directory, PACKAGED_GPT2_DIR, ("encoder.json", "vocab.bpe"))
+    assert again.returncode == 0 and f"{directory / 'model.safetensors'} already downloaded" in again.stderr
+    fetched = [
+        path for method, path, _ in hub.requests if method == "GET" and path.startswith("/openai-community/gpt2/")
+    ]
+    assert fetched == [f"/openai-community/gpt2/resolve/main/{f}" for f in ("config.json", "model.safetensors")]
 
     bad = subprocess.run([sys.executable, "-m", "gpt2_jax.download", "999M"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: Unknown GPT-2 release '999M'")

@@ -154,7 +154,7 @@ def test_native_model_and_training_run_directories(tmp_path, capsys):
         manager.wait_until_finished()
     (run / "checkpoints" / "30.orbax-checkpoint-tmp-1234").mkdir()  # a save killed half-way: never loaded
     model = load_model(run, dtype="float32")
-    assert model.source == f"training run {run} at step 20"
+    assert model.source == f"training run {run} at step 20" and (model.directory, model.step) == (run, 20)
     assert_matches_reference(model)
     step10 = load_model(run / "checkpoints" / "10", dtype="float32")
     np.testing.assert_array_equal(step10.params["wte"], older["wte"])

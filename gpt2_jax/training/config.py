@@ -18,6 +18,7 @@ from typing import Any
 
 from gpt2_jax.cli import ArgumentParser
 from gpt2_jax.errors import UsageError
+from gpt2_jax.training.tracking import check_trackers
 
 
 def _opt(default: Any, help: str, *, type: Any = None, choices: tuple[str, ...] | None = None, shown: str = ""):
@@ -88,6 +89,10 @@ class TrainConfig:
     sample_prompt: str = _opt("", "prompt for the samples (empty = unconditional)", type=str)
     save_every: int = _opt(500, "checkpoint every N steps (also on Ctrl-C/SIGTERM and at the end)", type=int)
     keep: int = _opt(3, "newest checkpoints kept", type=int)
+    tracker: str = _opt(
+        "none", "also log metrics and samples to tensorboard (event files in the run's tensorboard/), wandb, or both "
+        "(tensorboard,wandb)", type=str,
+    )  # fmt: skip
     # --- this invocation only (never inherited from a resumed run)
     restore_from: str | None = _opt(
         None,
@@ -97,6 +102,10 @@ class TrainConfig:
     )
     overwrite: bool = _opt(False, "allow --restore_from fresh|PATH to delete this run's checkpoints", type=bool)
     debug: bool = _opt(False, "show Python tracebacks", type=bool)
+    no_compile_cache: bool = _opt(
+        False, "compile everything anew instead of reusing the persistent JAX compilation cache", type=bool,
+        shown="the cache is on, in $GPT2_JAX_CACHE/jax_cache or ~/.cache/gpt2_jax/jax_cache",
+    )  # fmt: skip
     # --- several processes (see README: Several machines)
     distributed: bool = _opt(
         False, "join the other processes of a multi-host run (settings auto-detected on TPU pods, SLURM, Open MPI)",
@@ -111,8 +120,8 @@ class TrainConfig:
 
 
 PER_INVOCATION = frozenset(
-    {"run_name", "out", "devices", "sharding", "restore_from", "overwrite", "debug", "distributed", "coordinator",
-     "num_processes", "process_id"}
+    {"run_name", "out", "devices", "sharding", "restore_from", "overwrite", "debug", "no_compile_cache", "distributed",
+     "coordinator", "num_processes", "process_id"}
 )  # fmt: skip
 SCRATCH_PREFIX = "scratch:"
 
@@ -216,6 +225,8 @@ NON_NEGATIVE = ("warmup_steps", "val_every", "val_batches", "sample_every", "sam
 
 def check_ranges(values: dict[str, Any]) -> None:
     """Each given flag within its range, as one sentence (exit code 2); cheap, so train.py checks before any work."""
+    if values.get("tracker") is not None:
+        check_trackers(values["tracker"])
     for name in POSITIVE:
         if values.get(name) is not None and values[name] < 1:
             raise UsageError(f"--{name} must be at least 1, got {values[name]}.")

@@ -11,7 +11,8 @@ where avg is nshepperd's bias-corrected moving average (decay 0.99). A NaN/Inf (
 once with no checkpoint written, and a checkpoint of the weights that produced it is deleted, so the last good one
 stays the newest. SIGTERM and Ctrl-C finish the step in flight, write a checkpoint and return 128 + the signal
 number (143, 130); a second Ctrl-C interrupts at once. In a run over several processes only process 0 prints, and
-a signal to any process stops them all at the next log step (events.py).
+a signal to any process stops them all at the next log step (events.py). Every record metrics.jsonl gets, and
+every sample, also goes to the trackers `--tracker` names (tracking.py).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from tqdm import tqdm
 from gpt2_jax.console import is_primary, print_utf8
 from gpt2_jax.data.batches import BatchSampler, eval_windows
 from gpt2_jax.errors import UserError
-from gpt2_jax.model.flops import flops_per_token, measure_matmul_flops
+from gpt2_jax.model.flops import flops_per_token
 from gpt2_jax.training.distributed import global_batch, host_copy, local_rows
 from gpt2_jax.training.events import Due, due_at, periodic, stop_agreed, stop_signals
 from gpt2_jax.training.run_dir import format_samples
 from gpt2_jax.training.setup import Session, prepare
 from gpt2_jax.training.step import all_finite
+from gpt2_jax.training.tracking import Trackers, open_trackers
 
 PLOT_INTERVAL_S = 30.0
 # A uniform guess scores ln(n_vocab) (10.8 nats for GPT-2); a loss far above any model's is a run blowing up.
@@ -68,14 +70,25 @@ def run_training(explicit: dict[str, Any], *, bundled_dataset: str) -> int:
     """train.py's whole job: build the session, train, always release the lock and finish pending saves."""
     session = prepare(explicit, bundled_dataset=bundled_dataset)
     try:
-        return Loop(session).run()
+        with session_trackers(session) as trackers:
+            return Loop(session, trackers).run()
     finally:
         session.close()
 
 
+def session_trackers(s: Session) -> Trackers:
+    """The --tracker trackers, in process 0 only (the one that writes the run directory)."""
+    if not s.run.writer:
+        return Trackers([])
+    return open_trackers(
+        s.cfg.tracker, s.run.path, start_step=s.start_step, logged_until=s.run.logged_until, options=s.cfg.to_json()
+    )
+
+
 class Loop:
-    def __init__(self, s: Session) -> None:
+    def __init__(self, s: Session, trackers: Trackers) -> None:
         self.s = s
+        self.trackers = trackers
         cfg, meta = s.cfg, s.meta
         self.step = s.start_step
         self.sampler = BatchSampler(s.dataset.train, cfg.batch_size, s.seq_len, cfg.seed)
@@ -166,6 +179,7 @@ class Loop:
     def add_record(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         self.s.run.append_metrics(record)
+        self.trackers.log(record)
 
     def plot(self) -> None:
         self.s.run.plot_loss(self.records, title=f"{self.s.run.path.name}: {self.s.description}")
@@ -189,9 +203,6 @@ class Loop:
             total, count = total + loss_sum, count + n
         val_loss = float(total) / max(float(count), 1.0)
         tqdm.write(f"[{self.step} | {self.elapsed():.2f}] validation loss={val_loss:.3f}", file=sys.stdout)
-        if s.mesh.devices.flat[0].platform == "cpu":
-            # A CPU's peak is a matmul measured while other programs may share the cores: keep the best seen.
-            s.peak_flops = max(s.peak_flops, measure_matmul_flops(s.model_config.dtype, repeats=3))
         self.add_record(
             {"step": self.step, "val_loss": val_loss, "tokens": self.tokens_seen, "elapsed": self.elapsed()}
         )
@@ -215,6 +226,7 @@ class Loop:
             nsamples_per_prompt=cfg.sample_num, length=cfg.sample_length, seed=seed,
         )[0]  # fmt: skip
         path = s.run.write_samples(self.step, texts, cfg.sample_prompt)
+        self.trackers.samples(self.step, format_samples(texts, cfg.sample_prompt))
         tqdm.write(f"[{self.step} | {self.elapsed():.2f}] samples (also in {path}):", file=sys.stdout)
         print_utf8(format_samples(texts, cfg.sample_prompt).rstrip("\n"))
 

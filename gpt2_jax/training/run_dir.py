@@ -7,10 +7,13 @@
                                  validation (step, val_loss, ...)
     runs/NAME/loss.png           train and validation loss against tokens seen, redrawn as the run goes
     runs/NAME/samples/           samples-STEP.txt
+    runs/NAME/tensorboard/       event files, with --tracker tensorboard (tracking.py)
+    runs/NAME/tracking.json      the W&B run id, with --tracker wandb (and runs/NAME/wandb/, W&B's local files)
     runs/NAME/train.lock         {"pid", "host"} of the process training in it
 
 Every file is replaced whole through a temporary name (never half-written) except metrics.jsonl, which is appended
-one flushed line at a time; a resumed run first drops the records past the step it resumes from.
+one flushed line at a time; a resumed run first drops the records past the step it resumes from (and the
+trackers' event files drop them too: tracking.py).
 
 In a run over several processes every process has a RunDir, but only process 0's (`writer=True`) writes, locks or
 deletes anything: the others read.
@@ -30,6 +33,7 @@ from gpt2_jax.config import GPT2Config
 from gpt2_jax.errors import UserError
 from gpt2_jax.io import atomic_write_bytes, pid_alive
 from gpt2_jax.tokenizers.base import Tokenizer
+from gpt2_jax.training import tracking
 from gpt2_jax.weights import native
 
 LOCK_FILE = "train.lock"
@@ -107,6 +111,7 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.plot_path = self.path / "loss.png"
         self.lock = RunLock(self.path)
+        self.logged_until = 0  # the newest step in metrics.jsonl before a resume cut it back (tracking.py)
 
     def create(self) -> None:
         try:
@@ -151,18 +156,20 @@ class RunDir:
     def keep_metrics_until(self, step: int) -> list[dict[str, Any]]:
         """Drop records past `step` (a resumed run redoes those steps); returns the kept ones."""
         records = self.read_metrics()
+        self.logged_until = max((r.get("step", 0) for r in records), default=0)
         kept = [r for r in records if r.get("step", 0) <= step]
         if len(kept) != len(records) and self.writer:
             atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         return kept
 
     def clear_outputs(self) -> None:
-        """Forget a previous run's metrics, plot and samples (a fresh start with --overwrite)."""
+        """Forget a previous run's metrics, plot, samples and trackers' records (a fresh start with --overwrite)."""
         if not self.writer:
             return
         self.metrics_path.unlink(missing_ok=True)
         self.plot_path.unlink(missing_ok=True)
         shutil.rmtree(self.samples, ignore_errors=True)
+        tracking.forget(self.path)
 
     # --- plot and samples ------------------------------------------------------------------------------------------
     def plot_loss(self, records: list[dict[str, Any]], title: str = "") -> None:

@@ -1,6 +1,7 @@
 """One entry point for every model a user can hand us: `load_model(spec)`.
 
-`spec` is a preset name (random weights) or a path, whose format is detected:
+`spec` is a path, whose format is detected, a preset name (random weights), or a Hugging Face Hub id
+(`openai-community/gpt2-medium`, `user/name`: hub.py), in that order of priority:
 
     openai  OpenAI release dir or gpt-2-simple run dir (TF checkpoint + hparams.json), or a checkpoint prefix/.index
     hf      Hugging Face dir (model.safetensors or sharded with model.safetensors.index.json) or a .safetensors file
@@ -10,6 +11,7 @@
 
 The config comes from the weights' own file (hparams.json, config.json, gpt2_jax.json); without one, shapes that
 match a released GPT-2 exactly select that preset. The tokenizer is the model directory's own, else GPT-2's.
+A Hub id is read from its folder in the local Hugging Face cache, downloaded into it first when missing.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from gpt2_jax.model.params import parse_name
 from gpt2_jax.model.transformer import init_params
 from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.tokenizers.gpt2_bpe import load_tokenizer
-from gpt2_jax.weights import native, openai, safetensors_io
+from gpt2_jax.weights import hub, native, openai, safetensors_io
 from gpt2_jax.weights.huggingface import params_from_hf_state_dict
 from gpt2_jax.weights.tf_bundle import TFCheckpoint, checkpoint_prefix
 
@@ -42,6 +44,8 @@ class LoadedModel:
     tokenizer: Tokenizer  # the model's own (gpt2_jax.tokenizers.gpt2_bpe.load_tokenizer)
     source: str  # human-readable origin, e.g. "OpenAI checkpoint models/124M"
     ignored: tuple[str, ...] = ()  # names of tensors in the checkpoint that are not model weights
+    directory: Path | None = None  # the model's own folder (its tokenizer, a run's gpt2_jax.json); None for a preset
+    step: int | None = None  # the training step of a run's checkpoint; None for any other model
 
 
 class Weights(NamedTuple):
@@ -52,6 +56,7 @@ class Weights(NamedTuple):
     source: str
     ignored: list[str]  # tensor names in the checkpoint that are not model weights
     tokenizer_dir: Path  # where the model's own vocabulary files would be
+    step: int | None = None  # the training step of a run's checkpoint
 
 
 def default_compute_dtype() -> str:
@@ -151,12 +156,15 @@ def _read_run(path: Path, fmt: str) -> Weights:
         raise UserError(f"Training run {run_dir} has no complete checkpoint yet; train it or pick another model.")
     for step_dir in steps[:-1]:
         try:
-            params = native.load_params(step_dir / "params", config)
-            return Weights(config, params, f"training run {run_dir} at step {int(step_dir.name)}", [], run_dir)
+            return _read_step(run_dir, step_dir, config)
         except UserError as e:
             note(f"skipping checkpoint {step_dir}: {e}")
-    params = native.load_params(steps[-1] / "params", config)
-    return Weights(config, params, f"training run {run_dir} at step {int(steps[-1].name)}", [], run_dir)
+    return _read_step(run_dir, steps[-1], config)
+
+
+def _read_step(run_dir: Path, step_dir: Path, config: GPT2Config) -> Weights:
+    params, step = native.load_params(step_dir / "params", config), int(step_dir.name)
+    return Weights(config, params, f"training run {run_dir} at step {step}", [], run_dir, step)
 
 
 def read_weights(path: str | os.PathLike, *, verify_crc: bool | None = None) -> Weights:
@@ -183,15 +191,21 @@ def load_model(
     dtype = dtype or default_compute_dtype()
     if dtype not in DTYPES:  # before reading gigabytes of weights
         raise UserError(f"Unknown compute dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    if not os.path.exists(spec) and not os.path.exists(f"{spec}.index") and str(spec) in preset_names():
+    on_disk = os.path.exists(spec) or os.path.exists(f"{spec}.index")
+    if not on_disk and str(spec) in preset_names():
         config = get_config(str(spec), dtype=dtype)
         if PRESETS.get(str(spec)) is None or str(spec) in RELEASED_SIZES:
             note(f"{spec} is a preset: random weights; for OpenAI's, run python -m gpt2_jax.download {spec}")
         params = init_params(config, seed)
         return LoadedModel(config, params, load_tokenizer(None), f"preset {spec} (random weights, seed {seed})")
-    weights = read_weights(spec, verify_crc=verify_crc)
+    if not on_disk and hub.is_hub_id(str(spec)):
+        not_found = f"No model at {spec}: no such file or directory, not a preset name"
+        weights = read_weights(hub.snapshot(str(spec), not_found))._replace(source=f"Hugging Face Hub model {spec}")
+    else:
+        weights = read_weights(spec, verify_crc=verify_crc)
     if weights.ignored:
         note(f"{weights.source}: {openai.describe_ignored(weights.ignored)}")
     config = weights.config.replace(dtype=dtype)
     tokenizer = load_tokenizer(weights.tokenizer_dir)
-    return LoadedModel(config, weights.params, tokenizer, weights.source, tuple(weights.ignored))
+    ignored = tuple(weights.ignored)
+    return LoadedModel(config, weights.params, tokenizer, weights.source, ignored, weights.tokenizer_dir, weights.step)

@@ -126,9 +126,18 @@ def read_hf_config(path: Path) -> GPT2Config | None:
 
 
 def write_safetensors_model(
-    directory: str | os.PathLike, params: Mapping[str, Any], config: GPT2Config, *, dtype: str = "float32"
+    directory: str | os.PathLike,
+    params: Mapping[str, Any],
+    config: GPT2Config,
+    *,
+    dtype: str = "float32",
+    eot_id: int | None = None,
 ) -> None:
-    """`model.safetensors` (hub layout, head tied) + `config.json`, loadable by `GPT2LMHeadModel.from_pretrained`."""
+    """`model.safetensors` (hub layout, head tied) + `config.json`, loadable by `GPT2LMHeadModel.from_pretrained`.
+
+    eot_id: the tokenizer's end-of-text id, config.json's bos/eos token (None: the model names none, as when its
+    vocabulary is too small to hold GPT-2's 50256). `dtype` is the stored dtype (transformers 5 reads `dtype`).
+    """
     directory = Path(directory)
     state = params_to_hf_state_dict(params, dtype=NUMPY_DTYPES[dtype])
     tmp = directory / f".{SINGLE_FILE}.tmp"
@@ -139,5 +148,5 @@ def write_safetensors_model(
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # the safetensors writer creates files private to the owner
     os.replace(tmp, directory / SINGLE_FILE)
-    hf_config = {**config.to_hf_config(), "torch_dtype": dtype}
+    hf_config = {**config.to_hf_config(), "bos_token_id": eot_id, "eos_token_id": eot_id, "dtype": dtype}
     atomic_write_bytes(directory / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
