@@ -16,9 +16,18 @@ from typing import NoReturn
 
 from gpt2_jax.errors import UsageError, UserError
 
+# Set by `gpt2-jax NAME` (commands.py): the name the user typed, so usage lines and "see ... --help" hints name
+# `gpt2-jax train` rather than a script a wheel user does not have.
+invoked_as: str | None = None
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad command line raises `UsageError`: one sentence pointing at --help, exit code 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if invoked_as is not None:
+            self.prog = invoked_as
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}; see {self.prog} --help.")

@@ -57,11 +57,15 @@ def test_each_command_is_its_script(name):
 
     script, command = run(*SCRIPTS[name], "--help"), run("-m", "gpt2_jax", name, "--help")
     assert script.returncode == command.returncode == 0, command.stderr
-    assert command.stdout == script.stdout and "--debug" in command.stdout
-    # A bad flag: the same sentence and exit code either way.
+    # The same flags and texts; the usage line names what the user typed (`gpt2-jax train`, not `train.py`).
+    assert command.stdout.split("\n\n", 1)[1] == script.stdout.split("\n\n", 1)[1] and "--debug" in command.stdout
+    prog = script.stdout.removeprefix("usage: ").split(" [-h]")[0]
+    assert command.stdout.startswith(f"usage: gpt2-jax {name} [-h]")
+    # A bad flag: the same sentence and exit code either way, pointing at the --help of what was typed.
     script, command = run(*SCRIPTS[name], "--no_such_flag"), run("-m", "gpt2_jax", name, "--no_such_flag")
     assert command.returncode == script.returncode == 2
-    assert command.stderr == script.stderr and command.stderr.startswith("error: ")
+    assert command.stderr.startswith("error: ")
+    assert command.stderr == script.stderr.replace(f"see {prog} --help", f"see gpt2-jax {name} --help")
 
 
 def test_every_command_module_has_a_main():
