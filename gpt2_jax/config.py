@@ -96,6 +96,8 @@ class GPT2Config:
 
     # --- Hugging Face config.json ---------------------------------------------------------------------------
     def to_hf_config(self) -> dict[str, Any]:
+        """The architecture as Hugging Face's config.json spells it. The special-token ids belong to the tokenizer,
+        not the architecture: the export adds them (weights/safetensors_io.py), inside the model's vocabulary."""
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
@@ -113,8 +115,6 @@ class GPT2Config:
             "attn_pdrop": 0.0,
             "scale_attn_weights": True,
             "tie_word_embeddings": True,
-            "bos_token_id": 50256,
-            "eos_token_id": 50256,
         }
 
     @classmethod
