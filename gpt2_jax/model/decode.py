@@ -12,7 +12,8 @@ and one KV cache array per layer, `[B*N, S, K]`: the attention reads it without 
 axis at batch 1 XLA does not copy it every step. The math is `ops.py`'s, shared with the training forward;
 tests/test_decoding.py compares this forward's logits with it and with Hugging Face's.
 
-The cache (`init_cache`): slots written at a shared `index`, a per-row `valid` mask and real-token `length` (the
+The cache (`init_cache`): slots written at a shared `index` (or, `per_row`, at each row's own index: a server's
+rows join and leave at different times, so its rows' slots are their positions), a per-row `valid` mask and real-token `length` (the
 next position), so left-padded prompts decode exactly as unpadded ones. Slots fill from the front, so a call that
 knows how far they will be filled attends over that many leading slots only (`window`, static: one compilation per
 window size), not over the empty rest of the cache. A step with `write` False (a decode loop's masked step) leaves
@@ -71,12 +72,13 @@ def decode_weights(params: Any, config: GPT2Config) -> DecodeWeights:
     return DecodeWeights(wte, jnp.asarray(params["wpe"]), ln_f, wte.astype(head_dtype), layers)
 
 
-def init_cache(config: GPT2Config, batch: int, max_len: int) -> dict[str, Any]:
+def init_cache(config: GPT2Config, batch: int, max_len: int, *, per_row: bool = False) -> dict[str, Any]:
     """An empty cache of `max_len` slots for `batch` rows, as `forward` takes it:
 
     k, v    per layer [B*N, S, K]  keys and values (row b*N + n: head n of batch row b), compute dtype
     valid   [B, S] bool            which slots hold a real token (padding and unwritten slots are False)
     index   []     int32           the next slot to write, shared by the batch (so prompts are left-padded)
+            [B]    int32           with `per_row`: each row's own next slot (a server's rows join at any time)
     length  [B]    int32           real tokens seen per row: the position (wpe row) of the row's next token
     """
     if not 1 <= max_len <= config.n_ctx:
@@ -89,7 +91,8 @@ def init_cache(config: GPT2Config, batch: int, max_len: int) -> dict[str, Any]:
     kv_shape = (batch * config.n_head, max_len, config.head_dim)
     k, v = ([jnp.zeros(kv_shape, config.dtype) for _ in range(config.n_layer)] for _ in range(2))
     valid = jnp.zeros((batch, max_len), bool)
-    return {"k": k, "v": v, "valid": valid, "index": jnp.zeros((), jnp.int32), "length": jnp.zeros((batch,), jnp.int32)}
+    index = jnp.zeros((batch,) if per_row else (), jnp.int32)
+    return {"k": k, "v": v, "valid": valid, "index": index, "length": jnp.zeros((batch,), jnp.int32)}
 
 
 def linear(x_IM: Array, p: dict[str, Array]) -> Array:
@@ -126,6 +129,10 @@ def block(
 
 def _written(cache_HSK: Array, new_HTK: Array, index: Array, write: Array | bool) -> Array:
     new_HTK = new_HTK.astype(cache_HSK.dtype)
+    if index.ndim:  # per-row slots: one in-place write per attention problem (a scatter into the donated cache)
+        index_H = jnp.repeat(index, cache_HSK.shape[0] // index.shape[0])
+        write_one = lambda c_SK, n_TK, i: jax.lax.dynamic_update_slice(c_SK, n_TK, (i, 0))
+        return jax.vmap(write_one)(cache_HSK, new_HTK, index_H)
     if write is not True:  # a masked step puts back what the slots held (the write index is clamped at the end)
         new_HTK = jnp.where(write, new_HTK, jax.lax.dynamic_slice(cache_HSK, (0, index, 0), new_HTK.shape))
     return jax.lax.dynamic_update_slice(cache_HSK, new_HTK, (0, index, 0))

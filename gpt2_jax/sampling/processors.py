@@ -137,3 +137,27 @@ def next_token(logits_BV: Array, keys_B: Array, seen_BV: Array | None, sampling:
     if ids_BC is not None:
         choice_B = jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0]
     return choice_B.astype(jnp.int32)
+
+
+def next_token_per_row(
+    logits_BV: Array, keys_B: Array, temperature_B: Array, top_k_B: Array, top_p_B: Array, max_top_k: int
+) -> tuple[Array, Array]:
+    """`next_token` with each row's own temperature, top-k and top-p as traced arrays `[B]` (a server's rows each
+    serve another request; static settings would compile anew for every new combination), and each chosen token's
+    log-probability under the model's distribution at the row's temperature (OpenAI's `logprobs`; at temperature 0,
+    the raw distribution), before top-k and top-p.
+
+    Top-k takes the `max_top_k` (static) best candidates once, then masks each row past its own k (1..max_top_k);
+    top-p is the nucleus over those survivors, as in `next_token`. Rows at temperature 0 take the argmax.
+    """
+    greedy_B = temperature_B == 0
+    scale_B1 = jnp.where(greedy_B, 1.0, temperature_B)[:, None]
+    values_BC, ids_BC = top_k_candidates(logits_BV, max_top_k)
+    values_BC = jnp.where(jnp.arange(values_BC.shape[-1]) < top_k_B[:, None], values_BC / scale_B1, -jnp.inf)
+    values_BC = jnp.where(top_p_B[:, None] < 1, top_p_filter(values_BC, top_p_B[:, None]), values_BC)  # 1: off
+    choice_B = draw(keys_B, values_BC)
+    drawn_B = jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0]
+    token_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), drawn_B).astype(jnp.int32)
+    scaled_BV = logits_BV / scale_B1
+    chosen_B = jnp.take_along_axis(scaled_BV, token_B[:, None], axis=-1)[:, 0]
+    return token_B, chosen_B - jax.nn.logsumexp(scaled_BV, axis=-1)

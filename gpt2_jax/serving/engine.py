@@ -1,0 +1,237 @@
+"""Continuous batching: one background thread drives `rows.py`'s device functions for every request at once.
+
+Requests (one `Job` per choice) wait in a bounded queue. Between decode chunks the thread admits waiting jobs into
+free rows (one batch-1 prefill each, which also draws the first token, so it is sent at once), runs one chunk of
+`chunk` steps for all rows, and hands each job its new text through its `sink` (called on this thread; the web app
+passes it on to its event loop). A job leaves its row when it finishes (eot, a stop string, max_tokens) or is
+cancelled (its client went away): the row is free for the next job at the next chunk boundary, and no job waits
+for another to finish.
+
+Compiled shapes are a fixed set, all compiled by `warm_up` before the first request: `admit` at each prompt bucket
+(powers of two from 16, and the cache size) and `decode_rows` at each attention window (`generate.attention_window`:
+the whole cache on a CPU; 128 slots doubling to the cache size on a GPU). Nothing else varies: sampling settings
+are arrays, the batch and the chunk are fixed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.console import warn
+from gpt2_jax.model.decode import DecodeWeights
+from gpt2_jax.sampling.generate import MIN_PROMPT_BUCKET, attention_window
+from gpt2_jax.serving import rows as device
+from gpt2_jax.serving.choice import ChoiceText, Piece
+from gpt2_jax.tokenizers.base import Tokenizer
+
+MAX_TOP_K = 100  # top-k candidates taken per step; a request's top_k may be 1..MAX_TOP_K
+
+
+class QueueFull(Exception):
+    """The waiting queue has no room for the request's choices."""
+
+
+class Closed(Exception):
+    """The engine is draining for shutdown and takes no new requests."""
+
+
+@dataclasses.dataclass
+class Job:
+    """One choice of one request. `sink` gets each `Piece` (or an Exception if the engine failed or gave up)."""
+
+    prompt: list[int]
+    settings: device.Settings
+    stops: Sequence[str]
+    sink: Callable[[Piece | Exception], None]
+    cancelled: bool = False  # set by the client's side; the engine frees the row at the next chunk boundary
+    text: ChoiceText | None = None
+    position: int = 0  # the row's next cache slot
+
+
+def prompt_buckets(max_len: int) -> list[int]:
+    """Prompt widths the prefill compiles for: 16, 32, ... below `max_len`, and `max_len` itself."""
+    buckets, width = [], MIN_PROMPT_BUCKET
+    while width < max_len:
+        buckets.append(width)
+        width *= 2
+    return [*buckets, max_len]
+
+
+class Engine:
+    """The decode loop's thread and its rows; see the module docstring."""
+
+    def __init__(
+        self,
+        weights: DecodeWeights,
+        config: GPT2Config,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 16,
+        max_len: int | None = None,
+        chunk: int = 8,
+        max_queue: int = 256,
+    ) -> None:
+        self.weights, self.config, self.tokenizer = weights, config, tokenizer
+        self.max_len, self.chunk, self.max_queue = max_len or config.n_ctx, chunk, max_queue
+        self.buckets = prompt_buckets(self.max_len)
+        self.windows = sorted({attention_window(f, self.max_len) for f in range(1, self.max_len + 1)})
+        self.rows = device.init_rows(config, max_batch, self.max_len)
+        self.jobs: list[Job | None] = [None] * max_batch
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.cond = threading.Condition()
+        self.closing = False
+        self.failed: Exception | None = None
+        self.eot = np.int32(tokenizer.eot_id)
+        self.static = dict(config=config, max_top_k=min(MAX_TOP_K, config.n_vocab))
+        self.thread = threading.Thread(target=self._loop, name="gpt2-jax-engine", daemon=True)
+
+    # --- the client's side (any thread) ------------------------------------------------------------------------
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue a request's jobs, all or none: `QueueFull` if they do not fit, `Closed` while shutting down."""
+        with self.cond:
+            if self.closing or self.failed:
+                raise Closed()
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise QueueFull()
+            self.waiting.extend(jobs)
+            self.cond.notify()
+
+    def stats(self) -> dict[str, int]:
+        with self.cond:
+            active = sum(j is not None for j in self.jobs)
+            return {"active_rows": active, "waiting": len(self.waiting), "max_batch": len(self.jobs)}
+
+    def compiled(self) -> int:
+        """Compiled versions of the device functions in this process (unchanged after warm-up: no recompiles)."""
+        return device.admit._cache_size() + device.decode_rows._cache_size()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self, timeout: float) -> bool:
+        """Take no new jobs, finish the queued and running ones within `timeout` seconds, then stop the thread;
+        jobs still unfinished then get an error. True if everything finished."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+        self.thread.join(timeout)
+        finished = not self.thread.is_alive()
+        if not finished:
+            with self.cond:
+                self.failed = TimeoutError("the server shut down before this request finished")
+                self.cond.notify()
+            self.thread.join()
+        return finished
+
+    # --- warm-up ----------------------------------------------------------------------------------------------
+    def warm_up(self) -> tuple[float, str]:
+        """Compile every shape the loop will use; returns the seconds taken and what was compiled."""
+        start = time.perf_counter()
+        settings = device.settings_arrays(device.Settings(1, 1.0, 1, 1.0, 0, 0))
+        for width in self.buckets:
+            tokens = np.full((1, width), self.eot, np.int32)
+            self.rows, token, _ = device.admit(
+                self.weights, self.rows, np.int32(0), tokens, np.int32(1), settings, self.eot, **self.static
+            )
+        keep = np.zeros(len(self.jobs), bool)
+        for window in self.windows:
+            self.rows, tokens, _ = device.decode_rows(
+                self.weights, self.rows, keep, self.eot, steps=self.chunk, window=window, **self.static
+            )
+        jax.block_until_ready(tokens)
+        shapes = (
+            f"prefill at batch 1 for prompts of {', '.join(map(str, self.buckets))} tokens; decode {len(self.jobs)} "
+            f"rows x {self.chunk} steps over {' or '.join(map(str, self.windows))} of {self.max_len} cache slots"
+        )
+        return time.perf_counter() - start, shapes
+
+    # --- the engine's thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while self._next_round():
+                pass
+        except Exception as e:  # a device or library failure: every waiting client hears of it, nobody hangs
+            warn(f"the decode loop failed: {type(e).__name__}: {e}")
+            with self.cond:
+                self.failed = e
+        self._fail_all(self.failed)
+
+    def _next_round(self) -> bool:
+        """Admit what fits, run one chunk; False once closing and nothing is left (or the close timed out)."""
+        with self.cond:
+            while not (self.waiting or self._busy() or self.closing or self.failed):
+                self.cond.wait()
+            if self.failed or (self.closing and not self.waiting and not self._busy()):
+                return False
+            admitted = []
+            for row in range(len(self.jobs)):
+                job = self.jobs[row]
+                if job is not None and job.cancelled:
+                    self.jobs[row] = job = None
+                while job is None and self.waiting:
+                    job = self.waiting.popleft()
+                    if job.cancelled:
+                        job = None
+                    else:
+                        self.jobs[row] = job
+                        admitted.append(row)
+        for row in admitted:
+            self._admit(row)
+        if self._busy():
+            self._decode()
+        return True
+
+    def _busy(self) -> bool:
+        return any(job is not None for job in self.jobs)
+
+    def _admit(self, row: int) -> None:
+        job = self.jobs[row]
+        n = len(job.prompt)
+        width = next(b for b in self.buckets if b >= n)
+        tokens = np.full((1, width), self.eot, np.int32)
+        tokens[0, width - n :] = job.prompt
+        settings = device.settings_arrays(job.settings)
+        self.rows, token, logprob = device.admit(
+            self.weights, self.rows, np.int32(row), tokens, np.int32(n), settings, self.eot, **self.static
+        )
+        job.text, job.position = ChoiceText(self.tokenizer, job.stops, job.settings.max_tokens), n
+        self._deliver(row, np.asarray(token).tolist(), np.asarray(logprob).tolist())
+
+    def _decode(self) -> None:
+        keep = np.asarray([job is not None and not job.cancelled for job in self.jobs])
+        filled = max(job.position for job in self.jobs if job is not None) + self.chunk
+        window = attention_window(min(filled, self.max_len), self.max_len)
+        self.rows, tokens_BC, logprobs_BC = device.decode_rows(
+            self.weights, self.rows, keep, self.eot, steps=self.chunk, window=window, **self.static
+        )
+        tokens_BC, logprobs_BC = np.asarray(tokens_BC), np.asarray(logprobs_BC)
+        for row, job in enumerate(self.jobs):
+            if job is not None and keep[row]:
+                drawn = tokens_BC[row] >= 0
+                self._deliver(row, tokens_BC[row][drawn].tolist(), logprobs_BC[row][drawn].tolist())
+
+    def _deliver(self, row: int, tokens: list[int], logprobs: list[float]) -> None:
+        job = self.jobs[row]
+        job.position += len(tokens)
+        piece = job.text.add(tokens, logprobs)
+        if piece.finish_reason is not None:
+            with self.cond:
+                self.jobs[row] = None  # the device row stops itself (eot, max_tokens) or at the next keep mask
+        if piece.text or piece.tokens or piece.finish_reason:
+            job.sink(piece)
+
+    def _fail_all(self, error: Exception | None) -> None:
+        with self.cond:
+            jobs = [j for j in self.jobs if j is not None] + list(self.waiting)
+            self.jobs = [None] * len(self.jobs)
+            self.waiting.clear()
+        for job in jobs:
+            job.sink(error or Closed())
