@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     note(f"compiled in {seconds:.1f} s: {shapes}")
     name = args.model_name or Path(str(args.model).rstrip("/")).name
     app = create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes)
-    note(f"serving {name} at http://{args.host}:{args.port}/v1" + (" (API key required)" if api_key else ""))
+    note(f"serving {name} at /v1 of the address below" + (" (API key required)" if api_key else ""))
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.drain_timeout, log_level="info")
     return 0
 

@@ -12,12 +12,12 @@ and one KV cache array per layer, `[B*N, S, K]`: the attention reads it without 
 axis at batch 1 XLA does not copy it every step. The math is `ops.py`'s, shared with the training forward;
 tests/test_decoding.py compares this forward's logits with it and with Hugging Face's.
 
-The cache (`init_cache`): slots written at a shared `index` (or, `per_row`, at each row's own index: a server's
-rows join and leave at different times, so its rows' slots are their positions), a per-row `valid` mask and real-token `length` (the
-next position), so left-padded prompts decode exactly as unpadded ones. Slots fill from the front, so a call that
-knows how far they will be filled attends over that many leading slots only (`window`, static: one compilation per
-window size), not over the empty rest of the cache. A step with `write` False (a decode loop's masked step) leaves
-the cache bit for bit as it was.
+The cache (`init_cache`): slots written at a shared `index`, a per-row `valid` mask and real-token `length` (the next
+position), so left-padded prompts decode exactly as unpadded ones. With `per_row`, each row has its own write index
+instead (a server's rows join and leave at different times, so a row's slots are its positions). Slots fill from the
+front, so a call that knows how far they will be filled attends over that many leading slots only (`window`, static: one
+compilation per window size), not over the empty rest of the cache. A step with `write` False (a decode loop's masked
+step) leaves the cache bit for bit as it was.
 Axis legend: B batch, T new positions, M = B*T, S cache slots, W attended slots (the first W of S), D n_embd,
 F MLP width (4D), N heads, H = B*N, K head dim, V vocabulary, I and O a linear layer's input and output features.
 """
@@ -161,6 +161,8 @@ def forward(
     this a masked step, computed but leaving the cache exactly as it was, so a loop of static trip count can run
     steps past its end.
     """
+    if cache["index"].ndim and write is not True:
+        raise ValueError("a cache with per-row indices takes write=True only")
     dtype = jnp.dtype(config.dtype)
     B, T = tokens_BT.shape
     N, S = config.n_head, cache["valid"].shape[1]

@@ -87,11 +87,11 @@ def attention(q_HTK: Array, k_HSK: Array, v_HSK: Array, mask_HTS: Array) -> Arra
 def cache_context(mask_BT: Array, valid_BS: Array, index: Array, length_B: Array) -> dict[str, Array]:
     """Where T new tokens (False in `mask_BT` on padding) go in a cache of S slots, and what each may see.
 
-    The tokens are written at the shared slot `index` (a scalar), or at each row's own slot where `index` is `[B]`
-    (a serving batch whose rows joined at different times; `decode.init_cache(per_row=True)`); `valid_BS` marks the slots holding real tokens and
-    `length_B` counts each row's real tokens so far. Returns the attention mask `mask_BTS` (real, earlier-or-same
-    slots), the wpe rows `positions_BT` (counted over real tokens only, so left padding changes nothing), and the
-    cache's `valid_BS` and `length_B` after the write.
+    The tokens are written at the shared slot `index` (a scalar), or at each row's own slot where `index` is `[B]` (a
+    serving batch whose rows joined at different times: `decode.init_cache(per_row=True)`); `valid_BS` marks the slots
+    holding real tokens and `length_B` counts each row's real tokens so far. Returns the attention mask `mask_BTS`
+    (real, earlier-or-same slots), the wpe rows `positions_BT` (counted over real tokens only, so left padding changes
+    nothing), and the cache's `valid_BS` and `length_B` after the write.
     """
     T, S = mask_BT.shape[1], valid_BS.shape[1]
     if index.ndim:  # per-row write slots (a server's rows, each at its own position): index_B

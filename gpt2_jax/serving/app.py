@@ -129,7 +129,7 @@ def submit(engine: Engine, req: Completion, queue: asyncio.Queue, seed: int) -> 
         return put
 
     jobs = []
-    for i, prompt in enumerate(req.prompts):
+    for prompt in req.prompts:
         for j in range(req.n):
             settings = Settings(req.max_tokens, req.temperature, req.top_k, req.top_p, seed, j)
             jobs.append(Job(prompt, settings, req.stop, sink(len(jobs))))

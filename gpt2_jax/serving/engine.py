@@ -88,6 +88,7 @@ class Engine:
         self.waiting: collections.deque[Job] = collections.deque()
         self.cond = threading.Condition()
         self.closing = False
+        self.cancelled = 0  # jobs dropped because their client went away, before they finished
         self.failed: Exception | None = None
         self.eot = np.int32(tokenizer.eot_id)
         self.static = dict(config=config, max_top_k=min(MAX_TOP_K, config.n_vocab))
@@ -107,7 +108,8 @@ class Engine:
     def stats(self) -> dict[str, int]:
         with self.cond:
             active = sum(j is not None for j in self.jobs)
-            return {"active_rows": active, "waiting": len(self.waiting), "max_batch": len(self.jobs)}
+            waiting, cancelled = len(self.waiting), self.cancelled
+            return {"active_rows": active, "waiting": waiting, "max_batch": len(self.jobs), "cancelled": cancelled}
 
     def compiled(self) -> int:
         """Compiled versions of the device functions in this process (unchanged after warm-up: no recompiles)."""
@@ -138,7 +140,7 @@ class Engine:
         settings = device.settings_arrays(device.Settings(1, 1.0, 1, 1.0, 0, 0))
         for width in self.buckets:
             tokens = np.full((1, width), self.eot, np.int32)
-            self.rows, token, _ = device.admit(
+            self.rows, _, _ = device.admit(
                 self.weights, self.rows, np.int32(0), tokens, np.int32(1), settings, self.eot, **self.static
             )
         keep = np.zeros(len(self.jobs), bool)
@@ -176,10 +178,12 @@ class Engine:
                 job = self.jobs[row]
                 if job is not None and job.cancelled:
                     self.jobs[row] = job = None
+                    self.cancelled += 1
                 while job is None and self.waiting:
                     job = self.waiting.popleft()
                     if job.cancelled:
                         job = None
+                        self.cancelled += 1
                     else:
                         self.jobs[row] = job
                         admitted.append(row)

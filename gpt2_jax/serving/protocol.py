@@ -166,7 +166,10 @@ def parse_completion(body: bytes, model_name: str, tokenizer: Tokenizer, max_len
     for required in ("model", "prompt"):
         if request.get(required) is None:
             raise ApiError(400, f"The request needs '{required}'.", required)
-    values = {name: default if request.get(name) is None else check(name, request[name]) for name, (check, default) in FIELDS.items()}  # fmt: skip
+    values = {
+        name: default if request.get(name) is None else check(name, request[name])
+        for name, (check, default) in FIELDS.items()
+    }
     if values["model"] != model_name:
         message = f"The model '{values['model']}' does not exist here; this server serves '{model_name}'."
         raise ApiError(404, message, "model", "model_not_found")
