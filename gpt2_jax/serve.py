@@ -11,14 +11,17 @@ finish (at most --drain_timeout seconds) and exits 0. The flags are checked befo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.compile_cache import use_compile_cache
 from gpt2_jax.console import note
-from gpt2_jax.errors import UsageError
+from gpt2_jax.errors import UsageError, UserError
 
 API_KEY_ENV = "GPT2_JAX_API_KEY"
 
@@ -82,8 +85,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.model_name or Path(str(args.model).rstrip("/")).name
     app = create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes)
     note(f"serving {name} at /v1 of the address below" + (" (API key required)" if api_key else ""))
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.drain_timeout, log_level="info")
+    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.drain_timeout)
+    server = draining_server_class()(config)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn could not start (it logged why: say, the address is in use)
+        raise UserError(f"Could not serve on {args.host}:{args.port} (see above); pick another --port or --host.")
     return 0
+
+
+def draining_server_class():
+    """uvicorn's Server, but a SIGTERM or Ctrl-C ends in exit 0 once the requests in flight are done.
+
+    uvicorn's own handlers drain too, then raise the signal again so that the process dies of it (exit -15); a
+    service manager should see a clean stop instead. A second signal still forces the exit, as in uvicorn.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 if __name__ == "__main__":
