@@ -5,6 +5,7 @@
     python -m benchmarks --suite scaling        # one global batch on 1, 2, 4... devices (8 host devices on a CPU)
     python -m benchmarks --job train --preset 124M --batch 8,16 --seq 1024 --dtype bfloat16 --attention cudnn,xla
     python -m benchmarks --job decode --preset 124M --batch 1,8,64 --seq 16 --new_tokens 128
+    python -m benchmarks --job serve --preset 124M --clients 1,4,16,64      # gpt2-jax serve under concurrent clients
 
 Prints a progress line per point, then one table (median tokens/s over --repeats timed runs with its min-max, compile
 time, MFU, model TFLOP/s, peak memory, fraction of the bandwidth bound, PyTorch eager and under torch.compile, and
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 import jax
 
 from benchmarks import report, suite
+from benchmarks import serve as serve_bench
 from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
@@ -66,7 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     custom = p.add_argument_group(
         "a sweep of your own (replaces --suite when --job is given; with --suite scaling, changes its points)"
     )
-    custom.add_argument("--job", choices=["train", "decode"], help="decode also measures prefill")
+    custom.add_argument("--job", choices=["train", "decode", "serve"], help="decode also measures prefill")
     custom.add_argument("--preset", type=_names, help="model presets, comma-separated (default: 124M)")
     custom.add_argument("--batch", type=_ints, help="global batch sizes (sequences), comma-separated (default: 8)")
     custom.add_argument("--seq", type=int, help="train: tokens per sequence (default 1024); decode: prompt (16)")
@@ -78,6 +80,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     custom.add_argument("--new_tokens", type=int, default=128, help="decode: tokens generated per sequence")
     custom.add_argument("--top_k", type=int, default=40, help="decode: top-k of the sampler")
     custom.add_argument("--compare_at", type=_ints, default=None, help="only compare with PyTorch at these batches")
+    serving = p.add_argument_group(
+        "--job serve (benchmarks/serve.py; also takes --preset, --seq, --new_tokens, --dtype)"
+    )
+    serving.add_argument("--clients", type=_ints, default=(1, 4, 16, 64), help="concurrent clients (default 1,4,16,64)")
+    serving.add_argument("--requests", type=int, default=4, help="requests per client per point (default 4)")
+    serving.add_argument("--seconds", type=float, default=120, help="no new request after this per point (120)")
+    serving.add_argument("--max_batch", type=int, default=16, help="the server's rows (default 16)")
+    serving.add_argument("--chunk", type=int, help="the server's decode steps per chunk (default: the server's)")
     return p.parse_args(argv)
 
 
@@ -154,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {args.repeats}.")
     log = lambda line: print(line, flush=True)
+    if args.job == "serve":
+        return serve(args, log)
     if args.suite == "scaling" and args.job is None:
         use_host_devices(suite.SCALING_HOST_DEVICES, log)  # before anything starts JAX's backends
     sweeps = build_sweeps(args)
@@ -170,6 +182,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [p for p in points if p.get("error")]
     if failed:
         print(f"{len(failed)} of {len(points)} points failed (see FAILED above).", file=sys.stderr)
+    return 1 if failed and len(failed) == len(points) else 0
+
+
+def serve(args: argparse.Namespace, log) -> int:
+    """--job serve: benchmarks/serve.py at each preset; its own table (clients, not batches)."""
+    if args.requests < 1 or args.seconds <= 0 or args.max_batch < 1 or (args.chunk or 1) < 1:
+        raise UsageError("--requests, --max_batch and --chunk must be at least 1 and --seconds positive.")
+    seq, dtype = args.seq or 16, args.dtype or "float32"
+    check_context(
+        suite.Sweep("decode", presets=args.preset or ("124M",), batches=(1,), seq=seq, new_tokens=args.new_tokens)
+    )
+    env = report.environment()
+    log(report.describe_environment(env))
+    points: list[dict] = []
+    for preset in args.preset or ("124M",):
+        save = (lambda new, done=list(points): report.write_json(args.json, env, done + new)) if args.json else None
+        points += serve_bench.run(
+            preset=preset, clients=args.clients, seq=seq, new_tokens=args.new_tokens, requests=args.requests,
+            seconds=args.seconds, max_batch=args.max_batch, chunk=args.chunk, dtype=dtype, log=log, on_point=save,
+        )  # fmt: skip
+    if args.json:
+        report.write_json(args.json, env, points)
+    print()
+    print(serve_bench.format_table(points))
+    failed = [p for p in points if p.get("error")]
     return 1 if failed and len(failed) == len(points) else 0
 
 

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api_key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set, else none)")
     p.add_argument("--max_batch", type=int, default=16, help="requests decoded at once (default 16)")
     p.add_argument("--max_len", type=int, help="cache slots per request: prompt + max_tokens (default: the context)")
-    p.add_argument("--chunk", type=int, default=8, help="decode steps between joins and streamed pieces (default 8)")
+    p.add_argument(
+        "--chunk", type=int, help="decode steps between joins and streamed pieces (default: 4 on a CPU, else 16)"
+    )
     p.add_argument("--max_queue", type=int, default=256, help="choices waiting for a row before 429 (default 256)")
     p.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--drain_timeout", type=float, default=30.0, help="seconds to finish requests on shutdown (30)")

@@ -112,6 +112,7 @@ def test_a_request_draws_the_same_tokens_alone_or_among_others_and_nothing_compi
     engine = Engine(weights, CONFIG, tokenizer, max_batch=3, max_len=64, chunk=3, max_queue=16)
     engine.warm_up()
     compiled = engine.compiled()
+    assert compiled >= 4  # prefill at 16, 32, 64 tokens and the decode chunk (jit's count is readable here)
     engine.start()
     try:
         ours = (tokenizer.encode("The meaning of life is"), Settings(20, 0.8, 20, 0.9, 5, 1))

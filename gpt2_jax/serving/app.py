@@ -45,7 +45,7 @@ def create_app(
         engine.start()
         yield
         # uvicorn has stopped accepting and waited for the requests in flight; anything left gets an error.
-        engine.close(timeout=0)
+        engine.close(timeout=5)
 
     app = FastAPI(title="gpt2-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -128,6 +128,12 @@ def submit(engine: Engine, req: Completion, queue: asyncio.Queue, seed: int) -> 
 
         return put
 
+    if len(req.prompts) * req.n > engine.max_queue:
+        message = (
+            f"The request asks for {len(req.prompts) * req.n} completions (prompts x n), more than this server's queue "
+            f"of {engine.max_queue} holds; send fewer at once."
+        )
+        raise ApiError(400, message, "n")
     jobs = []
     for prompt in req.prompts:
         for j in range(req.n):

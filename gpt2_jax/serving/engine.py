@@ -33,6 +33,7 @@ from gpt2_jax.serving.choice import ChoiceText, Piece
 from gpt2_jax.tokenizers.base import Tokenizer
 
 MAX_TOP_K = 100  # top-k candidates taken per step; a request's top_k may be 1..MAX_TOP_K
+CPU_CHUNK, ACCELERATOR_CHUNK = 4, 16  # default decode steps per chunk; see default_chunk
 
 
 class QueueFull(Exception):
@@ -56,6 +57,13 @@ class Job:
     position: int = 0  # the row's next cache slot
 
 
+def default_chunk() -> int:
+    """Decode steps per chunk: a new request waits up to a chunk to join, so a CPU (124M: 40 ms a step at 8 rows
+    in benchmarks/README.md) takes short ones; an accelerator's steps take milliseconds, and longer chunks spare it
+    host round trips."""
+    return CPU_CHUNK if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK
+
+
 def prompt_buckets(max_len: int) -> list[int]:
     """Prompt widths the prefill compiles for: 16, 32, ... below `max_len`, and `max_len` itself."""
     buckets, width = [], MIN_PROMPT_BUCKET
@@ -76,11 +84,11 @@ class Engine:
         *,
         max_batch: int = 16,
         max_len: int | None = None,
-        chunk: int = 8,
+        chunk: int | None = None,
         max_queue: int = 256,
     ) -> None:
         self.weights, self.config, self.tokenizer = weights, config, tokenizer
-        self.max_len, self.chunk, self.max_queue = max_len or config.n_ctx, chunk, max_queue
+        self.max_len, self.chunk, self.max_queue = max_len or config.n_ctx, chunk or default_chunk(), max_queue
         self.buckets = prompt_buckets(self.max_len)
         self.windows = sorted({attention_window(f, self.max_len) for f in range(1, self.max_len + 1)})
         self.rows = device.init_rows(config, max_batch, self.max_len)
@@ -113,7 +121,7 @@ class Engine:
 
     def compiled(self) -> int:
         """Compiled versions of the device functions in this process (unchanged after warm-up: no recompiles)."""
-        return device.admit._cache_size() + device.decode_rows._cache_size()
+        return sum(getattr(f, "_cache_size", lambda: 0)() for f in (device.admit, device.decode_rows))
 
     def start(self) -> None:
         self.thread.start()
