@@ -24,6 +24,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ class ServerProcess:
 
     def __init__(self, flags: Sequence[str], log: Log) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        command = [sys.executable, "-m", "gpt2_jax.serve", "--port", "0", *flags]
+        command = [sys.executable, "-m", "gpt2_jax.serve", "--port", "0", "--log_level", "warning", *flags]
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         self.warm_up_s: float | None = None
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -57,9 +58,11 @@ class ServerProcess:
             if compiled:
                 self.warm_up_s = float(compiled.group(1))
                 log(f"server: {line.strip()}")
-            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            found = re.search(r"serving \S+ at (http://127\.0\.0\.1:\d+)/v1", line)
             if found:
                 self.url = found.group(1)
+                # Keep reading: a pipe nobody empties would stop the server at its next log line once full.
+                threading.Thread(target=self.proc.stderr.read, daemon=True).start()
                 return
             if not line and self.proc.poll() is not None:
                 break

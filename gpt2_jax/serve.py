@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: bfloat16 on GPU/TPU, "
         "float32 on CPU)"
     )  # fmt: skip
+    p.add_argument(
+        "--log_level", choices=("debug", "info", "warning", "error"), default="info",
+        help="uvicorn's log level; info logs every request (default info)",
+    )  # fmt: skip
     p.add_argument("--no_compile_cache", action="store_true", help="compile anew instead of reusing JAX's disk cache")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -67,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_flags(args)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    sock = bind(args.host, args.port)  # before the model loads: a port in use costs no start-up time
     use_compile_cache(not args.no_compile_cache)
     import uvicorn  # JAX and the web stack are imported after the flags are known to be good
 
@@ -86,14 +92,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     note(f"compiled in {seconds:.1f} s: {shapes}")
     name = args.model_name or Path(str(args.model).rstrip("/")).name
     app = create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes)
-    note(f"serving {name} at /v1 of the address below" + (" (API key required)" if api_key else ""))
-    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.drain_timeout)
-    server = draining_server_class()(config)
-    try:
-        server.run()
-    except SystemExit:  # uvicorn could not start (it logged why: say, the address is in use)
-        raise UserError(f"Could not serve on {args.host}:{args.port} (see above); pick another --port or --host.")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{sock.getsockname()[1]}/v1"  # --port 0: the port the system picked
+    sock.listen(2048)  # now: connections from here on wait in the backlog until uvicorn accepts them
+    note(f"serving {name} at {url}" + (" (API key required)" if api_key else ""))
+    config = uvicorn.Config(app, timeout_graceful_shutdown=args.drain_timeout, log_level=args.log_level)
+    draining_server_class()(config).run(sockets=[sock])
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (not yet listening), or one sentence saying why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise UserError(f"Cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host.")
+    return sock
 
 
 def draining_server_class():

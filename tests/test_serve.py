@@ -10,8 +10,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +22,8 @@ import httpx
 import openai
 import pytest
 
-from gpt2_jax import sample
+from gpt2_jax import sample, serve
+from gpt2_jax.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
@@ -34,17 +37,21 @@ class Server:
     def __init__(self, *flags: str) -> None:
         args = ["--model", "tiny", "--port", "0", "--max_len", str(MAX_LEN), "--api_key", KEY, *flags]
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        command = [sys.executable, "-m", "gpt2_jax.serve", *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpt2_jax.serve", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self.log: list[str] = []
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             line = self.proc.stderr.readline()
             self.log.append(line)
-            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            found = re.search(r"serving \S+ at (http://127\.0\.0\.1:\d+)/v1", line)
             if found:
                 self.url = found.group(1)
+                # Keep reading (a full pipe would stop the server at its next log line); `stop` joins it.
+                self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+                self.reader.start()
                 return
             if not line and self.proc.poll() is not None:
                 break
@@ -60,7 +67,7 @@ class Server:
             code = self.proc.wait(timeout=60)
         finally:
             self.proc.kill()
-        self.log += self.proc.stderr.readlines()
+        self.reader.join(timeout=60)
         return code
 
 
@@ -199,6 +206,18 @@ def test_a_client_that_goes_away_mid_stream_frees_its_row(server):
         time.sleep(0.1)
 
 
+def test_a_port_in_use_is_one_sentence_before_the_model_loads(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(serve.main, ["--model", "no/such/model", "--port", str(port)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Cannot listen on 127.0.0.1:{port} (") and err.count("\n") == 1
+
+
 def test_a_full_queue_answers_429_with_retry_after():
     """In process, the engine not started: nothing leaves the queue, so the next request cannot fit."""
     from gpt2_jax.model.decode import decode_weights
@@ -249,8 +268,8 @@ def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits_0():
         reasons[p["index"]] = p["finish_reason"] or reasons[p["index"]]
     assert reasons == ["length"] * n and texts == [complete_sample_text("Keep going", length)] * n
     assert s.proc.wait(timeout=60) == 0
-    log = "".join(s.log + s.proc.stderr.readlines())
-    assert "Waiting for connections to close" in log  # the request was still in flight at SIGTERM
+    s.reader.join(timeout=60)
+    assert "Waiting for connections to close" in "".join(s.log)  # the request was still in flight at SIGTERM
 
 
 def complete_sample_text(prompt: str, length: int) -> str:
