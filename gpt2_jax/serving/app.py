@@ -34,10 +34,9 @@ RETRY_AFTER_S = 1
 
 
 def create_app(
-    engine: Engine, model_name: str, *, api_key: str | None = None, max_body_bytes: int = 1 << 20, seed_source=None
+    engine: Engine, model_name: str, *, api_key: str | None = None, max_body_bytes: int = 1 << 20
 ) -> FastAPI:
     """The app over a warmed-up `engine`; the engine's thread runs while the app does (its lifespan)."""
-    new_seed = seed_source or (lambda: int.from_bytes(os.urandom(4), "little"))
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -93,7 +92,8 @@ def create_app(
         config = engine.config
         req = protocol.parse_completion(body, model_name, engine.tokenizer, engine.max_len, config.n_vocab)
         queue: asyncio.Queue[tuple[int, Piece | Exception]] = asyncio.Queue()
-        jobs = submit(engine, req, queue, new_seed() if req.seed is None else req.seed)
+        seed = int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed
+        jobs = submit(engine, req, queue, seed)
         if req.stream:
             return StreamingResponse(stream(req, jobs, queue, model_name), media_type="text/event-stream")
         try:
@@ -145,8 +145,8 @@ def submit(engine: Engine, req: Completion, queue: asyncio.Queue, seed: int) -> 
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         message = f"The server is busy (its queue of {engine.max_queue} is full); retry after {RETRY_AFTER_S} s."
         raise ApiError(429, message, type="rate_limit_error", headers=headers)
-    except Closed:
-        raise ApiError(503, "The server is shutting down and takes no new requests.", type="server_error")
+    except Closed as e:
+        raise ApiError(503, f"{e}; no new requests are taken.", type="server_error")
     return jobs
 
 
@@ -165,13 +165,15 @@ def engine_error(error: Exception) -> ApiError:
 
 async def collect(request: Request, req: Completion, jobs: list[Job], queue: asyncio.Queue, model: str) -> Any:
     pieces: list[list[Piece]] = [[] for _ in jobs]
-    finished = 0
+    finished, checked = 0, time.monotonic()
     while finished < len(jobs):
+        if time.monotonic() - checked > DISCONNECT_POLL_S:  # pieces may keep coming for a client long gone
+            if await request.is_disconnected():
+                return None
+            checked = time.monotonic()
         try:
             index, piece = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
         except TimeoutError:
-            if await request.is_disconnected():
-                return None
             continue
         if isinstance(piece, Exception):
             raise engine_error(piece)

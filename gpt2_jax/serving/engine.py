@@ -41,7 +41,7 @@ class QueueFull(Exception):
 
 
 class Closed(Exception):
-    """The engine is draining for shutdown and takes no new requests."""
+    """The engine takes no new requests: it is draining for shutdown, or its loop failed."""
 
 
 @dataclasses.dataclass
@@ -106,8 +106,10 @@ class Engine:
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue a request's jobs, all or none: `QueueFull` if they do not fit, `Closed` while shutting down."""
         with self.cond:
-            if self.closing or self.failed:
-                raise Closed()
+            if self.failed:
+                raise Closed(f"The decode loop stopped ({self.failed}); restart the server")
+            if self.closing:
+                raise Closed("The server is shutting down")
             if len(self.waiting) + len(jobs) > self.max_queue:
                 raise QueueFull()
             self.waiting.extend(jobs)
@@ -129,6 +131,8 @@ class Engine:
     def close(self, timeout: float) -> bool:
         """Take no new jobs, finish the queued and running ones within `timeout` seconds, then stop the thread;
         jobs still unfinished then get an error. True if everything finished."""
+        if self.thread.ident is None:  # never started (a test of the app alone)
+            return True
         with self.cond:
             self.closing = True
             self.cond.notify()
@@ -246,4 +250,4 @@ class Engine:
             self.jobs = [None] * len(self.jobs)
             self.waiting.clear()
         for job in jobs:
-            job.sink(error or Closed())
+            job.sink(error or Closed("The server stopped"))
