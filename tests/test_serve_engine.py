@@ -55,9 +55,7 @@ def test_rows_at_their_own_positions_decode_as_the_shared_index_cache_does(weigh
         got_tokens.append(np.asarray(token))
         got_logprobs.append(np.asarray(logprob))
     keep = np.asarray([True, True, False])
-    rows, tokens_BC, logprobs_BC = device.decode_rows(
-        weights, rows, keep, np.int32(EOT), steps=steps, window=64, **static
-    )
+    rows, tokens_BC, logprobs_BC = device.decode_rows(weights, rows, keep, np.int32(EOT), steps=steps, **static)
     want_tokens, want_logprobs = np.stack(want_tokens, 1), np.stack(want_logprobs, 1)
     got_tokens = np.concatenate([np.concatenate(got_tokens)[:, None], np.asarray(tokens_BC)[:2]], axis=1)
     got_logprobs = np.concatenate([np.concatenate(got_logprobs)[:, None], np.asarray(logprobs_BC)[:2]], axis=1)

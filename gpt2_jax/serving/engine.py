@@ -8,9 +8,8 @@ cancelled (its client went away): the row is free for the next job at the next c
 for another to finish.
 
 Compiled shapes are a fixed set, all compiled by `warm_up` before the first request: `admit` at each prompt bucket
-(powers of two from 16, and the cache size) and `decode_rows` at each attention window (`generate.attention_window`:
-the whole cache on a CPU; 128 slots doubling to the cache size on a GPU). Nothing else varies: sampling settings
-are arrays, the batch and the chunk are fixed.
+(powers of two from 16, and the cache size) and `decode_rows` once. Nothing else varies: sampling settings are
+arrays; the batch, the chunk and the attended slots (the whole cache, `rows.py` says why) are fixed.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import numpy as np
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.console import warn
 from gpt2_jax.model.decode import DecodeWeights
-from gpt2_jax.sampling.generate import MIN_PROMPT_BUCKET, attention_window
+from gpt2_jax.sampling.generate import MIN_PROMPT_BUCKET
 from gpt2_jax.serving import rows as device
 from gpt2_jax.serving.choice import ChoiceText, Piece
 from gpt2_jax.tokenizers.base import Tokenizer
@@ -54,7 +53,6 @@ class Job:
     sink: Callable[[Piece | Exception], None]
     cancelled: bool = False  # set by the client's side; the engine frees the row at the next chunk boundary
     text: ChoiceText | None = None
-    position: int = 0  # the row's next cache slot
 
 
 def default_chunk() -> int:
@@ -90,7 +88,6 @@ class Engine:
         self.weights, self.config, self.tokenizer = weights, config, tokenizer
         self.max_len, self.chunk, self.max_queue = max_len or config.n_ctx, chunk or default_chunk(), max_queue
         self.buckets = prompt_buckets(self.max_len)
-        self.windows = sorted({attention_window(f, self.max_len) for f in range(1, self.max_len + 1)})
         self.rows = device.init_rows(config, max_batch, self.max_len)
         self.jobs: list[Job | None] = [None] * max_batch
         self.waiting: collections.deque[Job] = collections.deque()
@@ -156,14 +153,13 @@ class Engine:
                 self.weights, self.rows, np.int32(0), tokens, np.int32(1), settings, self.eot, **self.static
             )
         keep = np.zeros(len(self.jobs), bool)
-        for window in self.windows:
-            self.rows, tokens, _ = device.decode_rows(
-                self.weights, self.rows, keep, self.eot, steps=self.chunk, window=window, **self.static
-            )
+        self.rows, tokens, _ = device.decode_rows(
+            self.weights, self.rows, keep, self.eot, steps=self.chunk, **self.static
+        )
         jax.block_until_ready(tokens)
         shapes = (
             f"prefill at batch 1 for prompts of {', '.join(map(str, self.buckets))} tokens; decode {len(self.jobs)} "
-            f"rows x {self.chunk} steps over {' or '.join(map(str, self.windows))} of {self.max_len} cache slots"
+            f"rows x {self.chunk} steps over {self.max_len} cache slots"
         )
         return time.perf_counter() - start, shapes
 
@@ -218,15 +214,13 @@ class Engine:
         self.rows, token, logprob = device.admit(
             self.weights, self.rows, np.int32(row), tokens, np.int32(n), settings, self.eot, **self.static
         )
-        job.text, job.position = ChoiceText(self.tokenizer, job.stops, job.settings.max_tokens), n
+        job.text = ChoiceText(self.tokenizer, job.stops, job.settings.max_tokens)
         self._deliver(row, np.asarray(token).tolist(), np.asarray(logprob).tolist())
 
     def _decode(self) -> None:
         keep = np.asarray([job is not None and not job.cancelled for job in self.jobs])
-        filled = max(job.position for job in self.jobs if job is not None) + self.chunk
-        window = attention_window(min(filled, self.max_len), self.max_len)
         self.rows, tokens_BC, logprobs_BC = device.decode_rows(
-            self.weights, self.rows, keep, self.eot, steps=self.chunk, window=window, **self.static
+            self.weights, self.rows, keep, self.eot, steps=self.chunk, **self.static
         )
         tokens_BC, logprobs_BC = np.asarray(tokens_BC), np.asarray(logprobs_BC)
         for row, job in enumerate(self.jobs):
@@ -236,7 +230,6 @@ class Engine:
 
     def _deliver(self, row: int, tokens: list[int], logprobs: list[float]) -> None:
         job = self.jobs[row]
-        job.position += len(tokens)
         piece = job.text.add(tokens, logprobs)
         if piece.finish_reason is not None:
             with self.cond:

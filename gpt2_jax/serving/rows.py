@@ -2,10 +2,15 @@
 
 The cache has `B` rows of `S` slots and a per-row write index (`init_cache(per_row=True)`): a row's slots are its
 positions, so a request joins any free row at any time and leaves it when done, and the compiled shapes never
-change: one `admit` per prompt bucket (batch 1), one `decode_rows` per attention window. `admit` runs a request's
+change: one `admit` per prompt bucket (batch 1), one `decode_rows`. `admit` runs a request's
 prompt through the model alone (left-padded to its bucket, as the sampler's prefill is), rolls its keys and values
 to slot 0 and writes them into the row, and draws the first token. `decode_rows` then runs `steps` single-token
 steps for every row at once, the state donated, and returns each row's tokens and their log-probabilities.
+
+Decode steps attend over the whole cache, on every backend. A window (as the sampler's on a GPU) would have to
+cover the longest live row, so a row's attention would be a reduction of a length set by its neighbours, and a
+different length may round differently; the whole cache of 16 rows x 1024 slots in bfloat16 is 24 layers' K and V
+x 16 x 1024 x 768 x 2 bytes = 0.6 GB a step, a fraction of a millisecond at a GPU's bandwidth.
 
 Why a row's output does not depend on its neighbours: every row's computation reads only its own slots, tokens,
 settings and key (each matmul column and attention problem is one row's), the shapes are fixed, and a row's random
@@ -129,7 +134,7 @@ def settings_arrays(s: Settings) -> dict[str, Array]:
     }
 
 
-@functools.partial(jax.jit, static_argnames=("config", "steps", "window", "max_top_k"), donate_argnames=("rows",))
+@functools.partial(jax.jit, static_argnames=("config", "steps", "max_top_k"), donate_argnames=("rows",))
 def decode_rows(
     weights: DecodeWeights,
     rows: Rows,
@@ -138,19 +143,17 @@ def decode_rows(
     *,
     config: GPT2Config,
     steps: int,
-    window: int,
     max_top_k: int,
 ) -> tuple[Rows, Array, Array]:
-    """`steps` decode steps for every row; rows not in `keep_B` (the host let them go) stop first. window: the
-    cache slots attended (covering every live row's slots by the chunk's end). Returns the rows, each row's tokens
-    `[B, C]` (-1 where the row was not generating) and their log-probabilities."""
+    """`steps` decode steps for every row; rows not in `keep_B` (the host let them go) stop first. Returns the rows,
+    each row's tokens `[B, C]` (-1 where the row was not generating) and their log-probabilities."""
     B = keep_B.shape[0]
     rows = _parked(dataclasses.replace(rows, live_B=rows.live_B & keep_B))
 
     def step(i: Array, carry: tuple[Rows, Array, Array]) -> tuple[Rows, Array, Array]:
         rows, tokens_BC, logprobs_BC = carry
         new_B1 = jnp.ones((B, 1), bool)
-        logits_BV, cache = forward(weights, config, rows.token_B[:, None], new_B1, rows.cache, window=window)
+        logits_BV, cache = forward(weights, config, rows.token_B[:, None], new_B1, rows.cache)
         keys_B = jax.vmap(jax.random.fold_in)(rows.key_B, rows.drawn_B)
         token_B, logprob_B = next_token_per_row(
             logits_BV, keys_B, rows.temperature_B, rows.top_k_B, rows.top_p_B, max_top_k
