@@ -144,10 +144,12 @@ def test_32_concurrent_requests_each_get_their_own_answer(server):
         dict(prompt=f"Request number {i}", max_tokens=6 + i, seed=i, temperature=[0, 0.7, 1.0, 1.3][i % 4], top_p=0.9)
         for i in range(8)
     ]
+    compiled = httpx.get(f"{server.url}/health").json()["compiled"]
     alone = [complete(server, **r).choices[0].text for r in requests]
     with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(lambda i: complete(server, **requests[i % 8]).choices[0].text, range(32)))
     assert together == [alone[i % 8] for i in range(32)]
+    assert httpx.get(f"{server.url}/health").json()["compiled"] == compiled > 0  # varied traffic, no new compile
 
 
 def auth(key: str = KEY) -> dict[str, str]:
