@@ -181,7 +181,19 @@ class Engine:
                 self.cond.wait()
             if self.failed or (self.closing and not self.waiting and not self._busy()):
                 return False
-            admitted = []
+        # Jobs that arrive while others are prefilled join before the chunk too, not a chunk later (clients that
+        # all finished together send their next requests together), until the rows are full or nobody waits.
+        while admitted := self._seat_waiting():
+            for row in admitted:
+                self._admit(row)
+        if self._busy():
+            self._decode()
+        return True
+
+    def _seat_waiting(self) -> list[int]:
+        """Free the rows of cancelled jobs, give free rows to waiting jobs; the rows given."""
+        seated = []
+        with self.cond:
             for row in range(len(self.jobs)):
                 job = self.jobs[row]
                 if job is not None and job.cancelled:
@@ -194,12 +206,8 @@ class Engine:
                         self.cancelled += 1
                     else:
                         self.jobs[row] = job
-                        admitted.append(row)
-        for row in admitted:
-            self._admit(row)
-        if self._busy():
-            self._decode()
-        return True
+                        seated.append(row)
+        return seated
 
     def _busy(self) -> bool:
         return any(job is not None for job in self.jobs)
