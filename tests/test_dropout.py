@@ -51,7 +51,8 @@ def test_dropout_changes_the_loss_deterministically_and_only_in_training(params,
     other = np.asarray(ts.token_losses(params, CONFIG, batch, train, jax.random.PRNGKey(4)))
     assert np.abs(other - dropped).max() > 1e-3
     # Evaluation (and anything else that leaves `train` off) sees the model without dropout, whatever the rate.
-    np.testing.assert_array_equal(np.asarray(ts.token_losses(params, CONFIG, batch, train._replace(train=False))), plain)
+    evaluated = ts.token_losses(params, CONFIG, batch, train._replace(train=False))
+    np.testing.assert_array_equal(np.asarray(evaluated), plain)
 
 
 def test_dropout_flags_are_checked():

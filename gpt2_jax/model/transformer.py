@@ -10,6 +10,10 @@ compile time does not grow with depth:
     h/ln_1/{g,b} [L, D]  h/attn/c_attn/{w [L, D, 3D], b [L, 3D]}  h/attn/c_proj/{w [L, D, D], b [L, D]}
     h/ln_2/{g,b} [L, D]  h/mlp/c_fc/{w [L, D, F], b [L, F]}      h/mlp/c_proj/{w [L, F, D], b [L, D]}
 
+The training forward adds what `Tuning` asks for: LoRA adapters beside the adapted conv1d weights (lora.py:
+`h/attn/c_attn/lora_A [L, D, r]`, `lora_B [L, r, 3D]`, ...) and GPT-2's embedding and residual dropout. Without
+a `Tuning` (evaluation, and every caller that passes plain GPT-2 params) the forward is GPT-2's alone.
+
 Axis legend for shapes in names: B batch, T positions, D n_embd, F MLP width (4D), N heads, K head dim,
 V vocabulary, L layers.
 
