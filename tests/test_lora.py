@@ -189,6 +189,17 @@ def test_loading_a_lora_run_merges_its_adapters_into_the_base(straight, base_par
     assert not np.array_equal(model.params["h"]["mlp"]["c_fc"]["w"], base_params["h"]["mlp"]["c_fc"]["w"])
 
 
+def test_evaluate_takes_a_lora_run_and_finds_it_fitted_to_its_data(straight, base_dir, corpus, capsys):
+    from gpt2_jax.evaluate import main as evaluate
+
+    results = {}
+    for name, model in (("run", straight), ("base", base_dir)):
+        assert evaluate(["--model", str(model), "--data", str(corpus), "--json"]) == 0
+        results[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["run"]["model"].startswith("LoRA run")
+    assert results["run"]["loss"] < results["base"]["loss"] - 0.05
+
+
 def test_changed_or_missing_base_model_is_one_sentence(straight, flags, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(straight, run)

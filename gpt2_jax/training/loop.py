@@ -32,7 +32,8 @@ from gpt2_jax.console import is_primary, print_utf8
 from gpt2_jax.data.batches import BatchSampler, eval_windows
 from gpt2_jax.errors import UserError
 from gpt2_jax.model.flops import flops_per_token
-from gpt2_jax.model.lora import merge
+from gpt2_jax.model.lora import adapter_count, merge
+from gpt2_jax.model.params import count_params
 from gpt2_jax.training.distributed import global_batch, host_copy, local_rows
 from gpt2_jax.training.events import Due, due_at, periodic, stop_agreed, stop_signals
 from gpt2_jax.training.run_dir import format_samples
@@ -61,6 +62,17 @@ class MovingAverage:
 
     def state(self) -> list[float]:
         return [self.total, self.weight]
+
+
+def step_flops_per_token(s: Session) -> float:
+    """The train step's model FLOPs per token: 6N + attention, and with LoRA 2N fewer, since the frozen base's
+    weight gradients (a third of the matmul work) are never computed, plus 6 per adapter parameter."""
+    flops = flops_per_token(s.model_config, s.seq_len)
+    lora_config = s.cfg.lora()
+    if lora_config is None:
+        return flops
+    mc = s.model_config
+    return flops - 2 * (count_params(mc) - mc.n_ctx * mc.n_embd) + 6 * adapter_count(mc, lora_config)
 
 
 class Diverged(UserError):
@@ -101,7 +113,7 @@ class Loop:
         self.elapsed_before = float(meta.get("elapsed", 0.0)) if meta else 0.0
         self.avg = MovingAverage(meta.get("avg") if meta else None)
         self.records = s.records
-        self.flops_per_token = flops_per_token(s.model_config, s.seq_len)
+        self.flops_per_token = step_flops_per_token(s)
         self.start = time.perf_counter()
         self.window_step, self.window_start = self.step, self.start  # what the next log line's rate measures
         self.last_plot = 0.0
