@@ -148,12 +148,13 @@ def merge(base: Mapping[str, Any], adapters: Mapping[str, Any], lora: LoraConfig
     return merged
 
 
-def frozen_dtypes(base: Mapping[str, Any], compute_dtype: Any) -> Any:
-    """The dtype each frozen base leaf is kept in: the conv1d matrices in the compute dtype (the forward casts them
-    to it before every matmul, so a bf16 run computes exactly as with float32 copies, at half the memory), the rest
+def freeze(base: Mapping[str, Any], compute_dtype: Any) -> Any:
+    """The base params as a LoRA run holds them: the conv1d matrices in the compute dtype (the forward casts them to
+    it before every matmul, so a bf16 run computes exactly as with float32 copies, at half the memory), the rest
     (embeddings, layer norms, biases) float32."""
 
-    def dtype(path: tuple, _: Any) -> Any:
-        return jnp.dtype(compute_dtype) if str(getattr(path[-1], "key", "")) == "w" else jnp.dtype(jnp.float32)
+    def cast(path: tuple, x: Any) -> Array:
+        matrix = str(getattr(path[-1], "key", "")) == "w"
+        return jnp.asarray(x, jnp.dtype(compute_dtype) if matrix else jnp.float32)
 
-    return jax.tree_util.tree_map_with_path(dtype, base)
+    return jax.tree_util.tree_map_with_path(cast, base)

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -44,12 +43,12 @@ def initial_state(
     seed: int,
 ) -> TrainState:
     """The state before the first step: every weight trains, or with LoRA new adapters over the frozen `params`
-    (their matrices kept in the compute dtype: lora.frozen_dtypes)."""
+    (their matrices kept in the compute dtype: lora.freeze)."""
     if lora_config is None:
         return create_state(params, adamw, seed)
-    frozen = jax.tree.map(lambda x, d: jnp.asarray(x, d), params, lora.frozen_dtypes(params, model_config.dtype))
     key = jax.random.fold_in(jax.random.PRNGKey(seed), ADAPTER_INIT_STREAM)
-    return create_state(lora.init_adapters(model_config, lora_config, key), adamw, seed, frozen=frozen)
+    adapters = lora.init_adapters(model_config, lora_config, key)
+    return create_state(adapters, adamw, seed, frozen=lora.freeze(params, model_config.dtype))
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,9 +89,7 @@ def step_functions(
     since jit caches executables per function object."""
     adamw, schedule = optimizer_and_schedule(optimizer)
     shardings = tree_shardings(abstract_state(model_config, optimizer, tuning.lora), mesh, sharding)
-    frozen_dtypes = None
-    if tuning.lora is not None:
-        frozen_dtypes = lora.frozen_dtypes(abstract_params(model_config), model_config.dtype)
+    freeze = functools.partial(lora.freeze, compute_dtype=model_config.dtype)
     return StepFunctions(
         shardings=shardings,
         init_state=jax.jit(functools.partial(initial_state, model_config, adamw, tuning.lora), out_shardings=shardings),
@@ -100,11 +97,7 @@ def step_functions(
             model_config, adamw, schedule, mesh, accumulate=accumulate, state_sharding=shardings, tuning=tuning
         ),
         eval_step=build_eval_step(model_config, mesh, shardings.model_params(), tuning.lora),
-        place_frozen=None
-        if frozen_dtypes is None
-        else jax.jit(
-            lambda p: jax.tree.map(lambda x, d: x.astype(d), p, frozen_dtypes), out_shardings=shardings.frozen
-        ),
+        place_frozen=None if tuning.lora is None else jax.jit(freeze, out_shardings=shardings.frozen),
     )
 
 
