@@ -81,9 +81,10 @@ def parse_targets(text: str) -> tuple[str, ...]:
         return tuple(TARGETS)
     unknown = sorted(names - set(TARGETS))
     if unknown or not names:
+        what = f"the unknown layer(s) {', '.join(unknown)}" if unknown else "no layer"
+        hint = " (GPT-2 has two c_proj: attn.c_proj and mlp.c_proj)" if "c_proj" in unknown else ""
         raise UsageError(
-            f"--lora_targets {text!r} names {', '.join(unknown) or 'no layer'}; choose among "
-            f"{', '.join(TARGETS)} (comma-separated) or all."
+            f"--lora_targets {text!r} names {what}{hint}; choose among {', '.join(TARGETS)} (comma-separated) or all."
         )
     return tuple(t for t in TARGETS if t in names)
 
