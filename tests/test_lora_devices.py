@@ -1,5 +1,6 @@
 """LoRA with dropout on several devices equals one device: data parallel, FSDP (the frozen base sharded too) and
-gradient accumulation. 4 CPU devices come from XLA_FLAGS, set before jax is imported: a subprocess."""
+gradient accumulation, in one process and over two (train.py with --distributed, test_distributed.py's helpers).
+The CPU devices come from XLA_FLAGS, set before jax is imported: subprocesses."""
 
 from __future__ import annotations
 
@@ -73,3 +74,27 @@ def test_lora_with_dropout_on_several_devices_matches_one_device():
     for name in ("devices4", "fsdp4"):
         assert result[name]["loss"] <= 1e-5, (name, result[name])
         assert result[name]["params"] <= 1e-5, (name, result[name])
+
+
+@pytest.mark.slow  # three train.py processes with compiles: ~60 s on 2 cores
+def test_lora_run_over_two_processes_trains_like_one(corpus, tmp_path):
+    """A LoRA run with dropout, 2 processes x 2 devices (fsdp, samples merged from the sharded state at the end),
+    has the losses of 1 process x 4 devices (<= 1e-5), and loads as a merged model in this 1-device process."""
+    from test_distributed import losses, run_one, run_processes, train_args
+
+    from gpt2_jax.weights.loading import load_model
+
+    # The preset's random weights as the base (a later --init overrides train_args' scratch:tiny).
+    lora = ["--init", "tiny", "--lora_rank", "4", "--lora_targets", "all", "--dropout", "0.1", "--lora_dropout", "0.1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_one([*train_args(corpus, a, 4), *lora], devices=4)
+    results = run_processes([*train_args(corpus, b, 4), *lora, "--sharding", "fsdp", "--sample_num", "1",
+                             "--sample_length", "4"], n_processes=2, devices_each=2)  # fmt: skip
+    for i, (code, _, stderr) in enumerate(results):
+        assert code == 0, f"process {i}: {stderr[-3000:]}"
+    assert "in 2 processes" in results[0][1] and "==== SAMPLE 1 ====" in results[0][1]
+    reference, distributed = losses(a), losses(b)
+    assert sorted(distributed) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert abs(distributed[step] - reference[step]) <= 1e-5, (step, distributed[step], reference[step])
+    assert load_model(b).source.startswith("LoRA run")
