@@ -4,12 +4,14 @@ given the key; never in evaluation. Resuming a run with dropout: tests/test_lora
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
-from gpt2_jax.model.transformer import Tuning, init_params
+from gpt2_jax.model import ops
+from gpt2_jax.model.transformer import Attention, Tuning, init_params
 from gpt2_jax.training import step as ts
 from gpt2_jax.training.config import resolve
 from gpt2_jax.training.mesh import make_mesh
@@ -61,3 +63,31 @@ def test_dropout_flags_are_checked():
     with pytest.raises(UsageError, match="--lora_dropout"):
         resolve({"init": "tiny", "lora_rank": 4, "lora_dropout": -0.1})
     assert resolve({"init": "tiny", "dropout": 0.1}).dropout == 0.1
+
+
+def test_attention_dropout_path_is_the_fused_paths_math():
+    """With dropout on, attention runs `ops.attention` (the fused kernels have no dropout): with nothing dropped it
+    equals `jax.nn.dot_product_attention`'s causal attention."""
+    B, T, N, K = 2, 9, 3, 8
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, T, N, K)) for i in range(3))
+    fused = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    q_HTK, k_HTK, v_HTK = (a.transpose(0, 2, 1, 3).reshape(B * N, T, K) for a in (q, k, v))
+    causal = jnp.tril(jnp.ones((T, T), bool))[None]
+    explicit = ops.attention(q_HTK, k_HTK, v_HTK, causal, lambda p: p).reshape(B, N, T, K).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(np.asarray(explicit), np.asarray(fused), atol=2e-6)
+
+
+def test_attention_probabilities_are_dropped():
+    """GPT-2's attn_pdrop: the kept outputs of a block's attention are not just the undropped ones rescaled (which
+    residual dropout alone would give); they come from dropped probabilities."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, CONFIG.n_embd))
+    plain_module = Attention(CONFIG)
+    variables = plain_module.init(jax.random.PRNGKey(1), x)
+    plain = np.asarray(plain_module.apply(variables, x))
+    rate = 0.5
+    dropped = np.asarray(
+        Attention(CONFIG, Tuning(dropout=rate, train=True)).apply(variables, x, rngs={"dropout": jax.random.PRNGKey(2)})
+    )
+    kept = dropped != 0
+    assert 0.2 < kept.mean() < 0.8  # residual dropout at work
+    assert np.abs(dropped[kept] - plain[kept] / (1 - rate)).max() > 1e-3

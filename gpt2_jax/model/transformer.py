@@ -11,8 +11,8 @@ compile time does not grow with depth:
     h/ln_2/{g,b} [L, D]  h/mlp/c_fc/{w [L, D, F], b [L, F]}      h/mlp/c_proj/{w [L, F, D], b [L, D]}
 
 The training forward adds what `Tuning` asks for: LoRA adapters beside the adapted conv1d weights (lora.py:
-`h/attn/c_attn/lora_A [L, D, r]`, `lora_B [L, r, 3D]`, ...) and GPT-2's embedding and residual dropout. Without
-a `Tuning` (evaluation, and every caller that passes plain GPT-2 params) the forward is GPT-2's alone.
+`h/attn/c_attn/lora_A [L, D, r]`, `lora_B [L, r, 3D]`, ...) and GPT-2's embedding, attention and residual
+dropout. Without a `Tuning` (evaluation, and every caller that passes plain GPT-2 params) the forward is GPT-2's.
 
 Axis legend for shapes in names: B batch, T positions, D n_embd, F MLP width (4D), N heads, K head dim,
 V vocabulary, L layers.
@@ -95,11 +95,11 @@ def _dropout(module: nn.Module, x: Array, rate: float) -> Array:
 class Tuning(NamedTuple):
     """What the training forward adds to GPT-2: LoRA adapters (None: plain GPT-2) and dropout.
 
-    `dropout` is GPT-2's embd_pdrop = resid_pdrop: after wte + wpe, and on each block's attention and MLP outputs
-    before they join the residual stream. Attention probabilities are not dropped (GPT-2's attn_pdrop): the fused
-    attention kernels (`jax.nn.dot_product_attention`, cuDNN's) have no dropout, and a second attention written out
-    just for it would repeat `ops.attention`'s math. `train` turns the dropouts on; evaluation and sampling leave it
-    off, so they see the same model whatever the rates.
+    `dropout` is GPT-2's embd_pdrop = attn_pdrop = resid_pdrop (0.1 each in GPT-2's training): after wte + wpe, on
+    the attention probabilities, and on each block's attention and MLP outputs before they join the residual stream.
+    The fused attention kernels (`jax.nn.dot_product_attention`'s, cuDNN's) have no dropout, so a step with dropout
+    runs `ops.attention`, the portable path. `train` turns the dropouts on; evaluation and sampling leave it off, so
+    they see the same model whatever the rates.
     """
 
     lora: LoraConfig | None = None
@@ -115,7 +115,7 @@ class Tuning(NamedTuple):
         return self.lora if self.lora is not None and self.lora.adapts(block, layer) else None
 
     @property
-    def resid_rate(self) -> float:
+    def dropout_rate(self) -> float:
         return self.dropout if self.train else 0.0
 
 
@@ -133,12 +133,18 @@ class Attention(nn.Module):
         qkv = Conv1D(3 * D, dtype, lora=t.adapter("attn", "c_attn"), train=t.train, name="c_attn")(x_BTD)
         attn_dtype = ops.float32_accumulating_dtype(dtype)
         q_BTNK, k_BTNK, v_BTNK = (a.reshape(B, T, N, K).astype(attn_dtype) for a in jnp.split(qkv, 3, axis=-1))
-        out_BTNK = jax.nn.dot_product_attention(
-            q_BTNK, k_BTNK, v_BTNK, is_causal=True, implementation=ops.attention_implementation(cfg)
-        )
+        if t.dropout_rate:  # GPT-2's attn_pdrop on the probabilities: ops.attention, one problem per row and head
+            q_HTK, k_HTK, v_HTK = (a.transpose(0, 2, 1, 3).reshape(B * N, T, K) for a in (q_BTNK, k_BTNK, v_BTNK))
+            causal_1TT = jnp.tril(jnp.ones((T, T), bool))[None]
+            out_HTK = ops.attention(q_HTK, k_HTK, v_HTK, causal_1TT, lambda p: _dropout(self, p, t.dropout_rate))
+            out_BTNK = out_HTK.reshape(B, N, T, K).transpose(0, 2, 1, 3)
+        else:
+            out_BTNK = jax.nn.dot_product_attention(
+                q_BTNK, k_BTNK, v_BTNK, is_causal=True, implementation=ops.attention_implementation(cfg)
+            )
         proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5  # GPT-2's scaled init of residual projections
         c_proj = Conv1D(D, dtype, init_std=proj_std, lora=t.adapter("attn", "c_proj"), train=t.train, name="c_proj")
-        return _dropout(self, c_proj(out_BTNK.reshape(B, T, D).astype(dtype)), t.resid_rate)
+        return _dropout(self, c_proj(out_BTNK.reshape(B, T, D).astype(dtype)), t.dropout_rate)
 
 
 class MLP(nn.Module):
@@ -156,7 +162,7 @@ class MLP(nn.Module):
         c_proj = Conv1D(
             cfg.n_embd, dtype, init_std=proj_std, lora=t.adapter("mlp", "c_proj"), train=t.train, name="c_proj"
         )
-        return _dropout(self, c_proj(h_BTF), t.resid_rate)
+        return _dropout(self, c_proj(h_BTF), t.dropout_rate)
 
 
 class Block(nn.Module):
@@ -210,7 +216,7 @@ class GPT2(nn.Module):
         """
         dtype = jnp.dtype(self.config.dtype)
         x_BTD = (jnp.take(self.wte, tokens_BT, axis=0) + self.wpe[: tokens_BT.shape[1]]).astype(dtype)
-        x_BTD, _ = self.h(_dropout(self, x_BTD, self.tuning.resid_rate))
+        x_BTD, _ = self.h(_dropout(self, x_BTD, self.tuning.dropout_rate))
         return self.ln_f(x_BTD)
 
 
