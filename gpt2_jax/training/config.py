@@ -71,7 +71,7 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "dropout on the LoRA adapters' input, in training", type=float)
     dropout: float = _opt(
         0.0,
-        "GPT-2's embedding, attention and residual dropout in training (0.1 in its pretraining; 0: none, no mask drawn)",
+        "GPT-2's embedding, attention and residual dropout in training (0.1 in its pretraining; 0: none)",
         type=float,
     )
     # --- batch
