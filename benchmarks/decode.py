@@ -38,14 +38,21 @@ NO_EOT = np.int32(-1)  # no row ever stops early: every run decodes exactly the 
 
 
 def time_ours(
-    weights: Any, config: Any, prompt_BT: np.ndarray, new_tokens: int, top_k: int, repeats: int
+    weights: Any,
+    config: Any,
+    prompt_BT: np.ndarray,
+    new_tokens: int,
+    top_k: int,
+    repeats: int,
+    sampling: SamplingConfig | None = None,
 ) -> dict[str, Any]:
     """{'compile_s': seconds, 'prefill_s': [seconds per run], 'decode_s': [seconds per run]}: the compile, then for
     each of `repeats` runs after a warm-up the prefill (+ first draw) and the decoding of the other `new_tokens - 1`
-    in the chunks generate.py would run (one, or one per attention window on an accelerator)."""
+    in the chunks generate.py would run (one, or one per attention window on an accelerator). `sampling` replaces
+    the top-k sampling (e.g. greedy, to see what the draw costs)."""
     B, T = prompt_BT.shape
     slots = cache_slots(prompt_bucket(T, config.n_ctx) + new_tokens - 1, config.n_ctx)  # generate.py's buckets
-    static = dict(config=config, sampling=SamplingConfig(top_k=top_k))
+    static = dict(config=config, sampling=sampling or SamplingConfig(top_k=top_k))
     mask_BT, row_ids, done = np.ones_like(prompt_BT, bool), np.arange(B, dtype=np.int32), np.zeros(B, bool)
     prefill_args = (weights, prompt_BT, mask_BT, row_ids, done, np.int32(0), np.uint32(0), NO_EOT)
     chunks, index, left = [], T, new_tokens - 1  # (steps, window) per decode_chunk call

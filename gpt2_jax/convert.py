@@ -3,6 +3,7 @@
     python -m gpt2_jax.convert models/124M models/124M-jax                 # native: loads several times faster
     python -m gpt2_jax.convert checkpoint/run1 out/run1-hf --to hf --dtype bfloat16
     python -m gpt2_jax.convert runs/shakespeare out/shakespeare-tf --to openai   # for OpenAI's / gpt-2-simple's code
+    python -m gpt2_jax.convert runs/lora8 out/lora8-peft --to peft         # a LoRA run's adapters for HF PEFT
 
 The output directory is built under a temporary name beside OUT and renamed into place when complete; a non-empty
 OUT is refused unless --force. TF checkpoints have every tensor's crc32c verified (a one-off cost, unlike loading).
@@ -10,6 +11,10 @@ OUT is refused unless --force. TF checkpoints have every tensor's crc32c verifie
 `--to hf` is a complete transformers model: weights and config.json, the tokenizer files AutoTokenizer loads,
 generation_config.json with sample.py's defaults, and a model card whose metadata says what the run knows: the model
 it started from, its data, steps and newest validation loss (weights/hf_export.py).
+
+A LoRA run (train.py --lora_rank) converts like any run: its adapters are merged into its base model once on load, so
+`--to hf` (or native, openai) writes the merged model. `--to peft` writes the adapters alone as Hugging Face PEFT reads
+them (adapter_model.safetensors + adapter_config.json: weights/peft_export.py), to load onto the base model.
 """
 
 from __future__ import annotations
@@ -24,23 +29,24 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from gpt2_jax.cli import ArgumentParser, run_cli
-from gpt2_jax.config import ALIASES, DTYPES, PRESETS, preset_names
+from gpt2_jax.config import ALIASES, DTYPES, PRESETS, GPT2Config, preset_names
 from gpt2_jax.console import note
 from gpt2_jax.download import HF_REPOS
 from gpt2_jax.errors import UsageError, UserError, short_reason
 from gpt2_jax.io import atomic_directory
+from gpt2_jax.model.lora import adapter_count
 from gpt2_jax.model.params import count_params
 from gpt2_jax.sampling.processors import SamplingConfig
 from gpt2_jax.tokenizers.sentencepiece import SentencePieceTokenizer
 from gpt2_jax.training.config import is_scratch
 from gpt2_jax.training.run_dir import RunDir
-from gpt2_jax.weights import hf_export, hub
+from gpt2_jax.weights import hf_export, hub, peft_export
 from gpt2_jax.weights.loading import LoadedModel, load_model
 from gpt2_jax.weights.native import save_native_model
 from gpt2_jax.weights.openai import write_openai_checkpoint
 from gpt2_jax.weights.safetensors_io import write_safetensors_model
 
-TARGETS = ("native", "hf", "openai")
+TARGETS = ("native", "hf", "openai", "peft")
 # How a failed write surfaces: OSError from Python, ValueError/RuntimeError from orbax's tensorstore, SafetensorError.
 WRITE_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
@@ -59,7 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    if args.dtype != "float32" and args.to != "hf":
+    if args.dtype != "float32" and args.to != "hf":  # PEFT's adapters: float32 as trained
         raise UsageError(f"--dtype {args.dtype} applies to --to hf only; {args.to} models store float32 params.")
     src, out = Path(args.src).resolve(), Path(args.out).resolve()
     if src == out or out in src.parents:
@@ -80,6 +86,8 @@ def write(directory: Path, model: LoadedModel, to: str, dtype: str, name: str) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.to == "peft":
+        return convert_to_peft(args)
     start = time.perf_counter()
     with atomic_directory(args.out, force=args.force) as tmp:
         print(f"reading {args.src}", file=sys.stderr, flush=True)
@@ -95,6 +103,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     elapsed = time.perf_counter() - start
     print(f"converted {count_params(model.config):,} parameters to {args.out} ({args.to}) in {elapsed:.1f} s")
+    return 0
+
+
+def convert_to_peft(args: argparse.Namespace) -> int:
+    """A LoRA run's adapters, unmerged, as a PEFT adapter naming its base model."""
+    config, record, adapters, step = peft_export.read_run_adapters(args.src)
+    spec = record.base["model"]
+    base = base_model(spec, config) or spec
+    with atomic_directory(args.out, force=args.force) as tmp:
+        try:
+            peft_export.write_peft_adapter(tmp, adapters, record.lora, base)
+        except WRITE_ERRORS as e:
+            raise UserError(f"Could not write {args.out} ({short_reason(e)}); nothing was written there.")
+    n = adapter_count(config, record.lora)
+    print(f"wrote the LoRA adapters of {args.src} at step {step} ({n:,} parameters, base {base}) to {args.out} (peft)")
     return 0
 
 
@@ -137,7 +160,7 @@ def card_facts(model: LoadedModel, name: str) -> hf_export.CardFacts:
     dataset = Path(training["dataset"]).name if training.get("dataset") else "gpt2-jax's bundled Shakespeare corpus"
     return dataclasses.replace(
         facts,
-        base_model=base_model(training.get("init"), model),
+        base_model=base_model(training.get("init"), model.config),
         from_scratch=random_start(training.get("init")),
         dataset=dataset,
         steps=model.step,
@@ -151,13 +174,13 @@ def random_start(init: str | None) -> bool:
     return bool(init) and (is_scratch(init) or init in preset_names())
 
 
-def base_model(init: str | None, model: LoadedModel) -> str | None:
+def base_model(init: str | None, config: GPT2Config) -> str | None:
     """The Hub id of the model a run started from, where its --init tells: a Hub id, or a released GPT-2's folder
     (models/124M, models/gpt2-medium, ...) of the same shape."""
     if not init or random_start(init):
         return None
     release = ALIASES.get(Path(init).name, Path(init).name)
-    if release in HF_REPOS and PRESETS[release].to_hparams() == model.config.to_hparams():
+    if release in HF_REPOS and PRESETS[release].to_hparams() == config.to_hparams():
         return f"openai-community/{HF_REPOS[release]}"
     if hub.is_hub_id(init) and not Path(init).exists():
         return init

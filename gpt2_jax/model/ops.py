@@ -11,7 +11,8 @@ alone keeps its logits in the compute dtype and its log-sum-exp in float32.
   fused kernel or XLA), whose XLA path computes what `attention` here does (float32 logits, scale, mask, float32
   softmax, probabilities back in the compute dtype), with the dot precision JAX sets to keep a 16-bit backward
   pass consistent (jax issue 24047). `decode.py` runs `attention` over its cache, masked by `cache_context`
-  (slots, per-row validity, positions).
+  (slots, per-row validity, positions); the training forward runs it too when attention dropout is on (the fused
+  kernels have none).
 - the head: `tied_head` returns float32 logits (users, evaluation by logits, tests); `tied_head_losses` is the
   training loss, llm.c's fused classifier: the logits stay in the compute dtype, only the log-sum-exp is float32,
   and the backward pass writes `softmax - onehot` once in the compute dtype before its two matmuls, so no float32
@@ -25,6 +26,7 @@ K head dim, H = B*N (one attention problem per row and head), V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -74,13 +76,20 @@ def layer_norm(x: Array, g: Array, b: Array, eps: float, dtype: Any, axis: int =
     return ((x32 - mean) * jax.lax.rsqrt(var + eps) * g.reshape(along) + b.reshape(along)).astype(dtype)
 
 
-def attention(q_HTK: Array, k_HSK: Array, v_HSK: Array, mask_HTS: Array) -> Array:
-    """Softmax attention of T queries over S keys where `mask_HTS` is True; logits and softmax in float32."""
+def attention(
+    q_HTK: Array, k_HSK: Array, v_HSK: Array, mask_HTS: Array, drop_probs: Callable[[Array], Array] | None = None
+) -> Array:
+    """Softmax attention of T queries over S keys where `mask_HTS` is True; logits and softmax in float32.
+
+    `drop_probs` (training with dropout only: GPT-2's attn_pdrop, which the fused kernels do not offer) is applied
+    to the probabilities before they weigh the values."""
     dtype = float32_accumulating_dtype(q_HTK.dtype)
     q_HTK, k_HSK, v_HSK = (a.astype(dtype) for a in (q_HTK, k_HSK, v_HSK))
     logits_HTS = jnp.einsum("HTK,HSK->HTS", q_HTK, k_HSK, preferred_element_type=jnp.float32)
     logits_HTS = jnp.where(mask_HTS, logits_HTS * q_HTK.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
     probs_HTS = jax.nn.softmax(logits_HTS, axis=-1).astype(dtype)
+    if drop_probs is not None:
+        probs_HTS = drop_probs(probs_HTS)
     return jnp.einsum("HTS,HSK->HTK", probs_HTS, v_HSK)
 
 

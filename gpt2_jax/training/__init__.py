@@ -2,7 +2,7 @@
 
 config.py        `TrainConfig`: every flag, its default, and where each value came from
 mesh.py          devices, the mesh, batch sharding, replicated or FSDP placement and its memory check
-step.py          `TrainState`, the loss, and the jitted train/eval steps
+step.py          `TrainState`, the loss, and the jitted train/eval steps (with LoRA: adapters alone trained)
 optim.py         AdamW with GPT-2's decay mask and the warmup + cosine schedule (`OptimizerConfig`)
 events.py        what is due after each step (log, save, stop, validate, sample); stop signals
 distributed.py   joining several processes (JAX's multi-controller runtime)

@@ -18,6 +18,7 @@ from typing import Any
 
 from gpt2_jax.cli import ArgumentParser
 from gpt2_jax.errors import UsageError
+from gpt2_jax.model.lora import DEFAULT_TARGETS, TARGETS, LoraConfig, parse_targets
 from gpt2_jax.training.tracking import check_trackers
 
 
@@ -57,6 +58,22 @@ class TrainConfig:
         None, "transformer layers per scan iteration (more: faster steps, longer compile)", type=int,
         shown="all layers on GPU/TPU (124M on an H200: 335k -> 452k tok/s), 1 on CPU",
     )  # fmt: skip
+    # --- fine-tuning: LoRA and dropout (README: LoRA)
+    lora_rank: int = _opt(
+        0, "train LoRA adapters of this rank on a frozen --init model instead of every weight", type=int,
+        shown="0: full fine-tuning",
+    )  # fmt: skip
+    lora_alpha: float | None = _opt(None, "LoRA scale numerator: adapters add alpha/rank * x A B", type=float,
+                                    shown="the rank (scale 1, as PEFT's r=8, alpha=8)")  # fmt: skip
+    lora_targets: str = _opt(
+        DEFAULT_TARGETS, f"layers that get adapters, comma-separated among {', '.join(TARGETS)}, or all", type=str
+    )
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA adapters' input, in training", type=float)
+    dropout: float = _opt(
+        0.0,
+        "GPT-2's embedding, attention and residual dropout in training (0.1 in its pretraining; 0: none)",
+        type=float,
+    )
     # --- batch
     devices: str = _opt("all", "'all' local devices or a number of them (data parallel)", type=str)
     sharding: str = _opt(
@@ -118,6 +135,13 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in PER_INVOCATION}
 
+    def lora(self) -> LoraConfig | None:
+        """The LoRA settings, None for full fine-tuning."""
+        if not self.lora_rank:
+            return None
+        alpha = self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+        return LoraConfig(self.lora_rank, alpha, parse_targets(self.lora_targets), self.lora_dropout)
+
 
 PER_INVOCATION = frozenset(
     {"run_name", "out", "devices", "sharding", "restore_from", "overwrite", "debug", "no_compile_cache", "distributed",
@@ -143,8 +167,9 @@ def is_scratch(init: str | None) -> bool:
     return bool(init) and init.startswith(SCRATCH_PREFIX)
 
 
-def default_learning_rate(init: str | None) -> float:
-    return 6e-4 if is_scratch(init) else 1e-4
+def default_learning_rate(init: str | None, lora_rank: int = 0) -> float:
+    """6e-4 from scratch, 1e-4 to fine-tune every weight, 2e-4 for LoRA (the LoRA paper's GPT-2 rate)."""
+    return 6e-4 if is_scratch(init) else 2e-4 if lora_rank else 1e-4
 
 
 def build_parser(
@@ -202,7 +227,7 @@ def resolve(
         values.update({k: v for k, v in saved.items() if k in known and k not in PER_INVOCATION})
     values.update({k: v for k, v in explicit.items() if k in known})
     if values.get("learning_rate") is None:
-        values["learning_rate"] = default_learning_rate(values.get("init"))
+        values["learning_rate"] = default_learning_rate(values.get("init"), values.get("lora_rank") or 0)
     config = TrainConfig(**values)
     validate(config)
     return config
@@ -220,7 +245,7 @@ POSITIVE = (
     "scan_unroll",
 )
 NON_NEGATIVE = ("warmup_steps", "val_every", "val_batches", "sample_every", "sample_num", "save_every", "seed",
-                "weight_decay", "grad_clip")  # fmt: skip
+                "weight_decay", "grad_clip", "lora_rank")  # fmt: skip
 
 
 def check_ranges(values: dict[str, Any]) -> None:
@@ -237,9 +262,13 @@ def check_ranges(values: dict[str, Any]) -> None:
         raise UsageError(f"--learning_rate must be positive, got {values['learning_rate']}.")
     if values.get("val_fraction") is not None and not 0 <= values["val_fraction"] < 1:
         raise UsageError(f"--val_fraction must be at least 0 and below 1, got {values['val_fraction']}.")
-    for name in ("beta1", "beta2"):
+    for name in ("beta1", "beta2", "dropout", "lora_dropout"):
         if values.get(name) is not None and not 0 <= values[name] < 1:
             raise UsageError(f"--{name} must be at least 0 and below 1, got {values[name]}.")
+    if values.get("lora_alpha") is not None and not values["lora_alpha"] > 0:
+        raise UsageError(f"--lora_alpha must be positive, got {values['lora_alpha']}.")
+    if values.get("lora_targets") is not None:
+        parse_targets(values["lora_targets"])
     if values.get("num_processes") is not None and values["num_processes"] < 1:
         raise UsageError(f"--num_processes must be at least 1, got {values['num_processes']}.")
     cluster_flags = [f"--{k}" for k in ("coordinator", "num_processes", "process_id") if values.get(k) is not None]
@@ -256,6 +285,15 @@ def validate(config: TrainConfig) -> None:
     if config.min_lr is not None and not 0 <= config.min_lr <= config.learning_rate:
         raise UsageError(
             f"--min_lr must lie between 0 and --learning_rate ({config.learning_rate}), got {config.min_lr}."
+        )
+    if config.lora_rank == 0:
+        given = [f"--{k}" for k in ("lora_alpha", "lora_dropout") if getattr(config, k)]
+        given += ["--lora_targets"] if config.lora_targets != DEFAULT_TARGETS else []
+        if given:
+            raise UsageError(f"{' '.join(given)} only apply to LoRA; add --lora_rank (8 is a common choice).")
+    elif is_scratch(config.init):
+        raise UsageError(
+            "--lora_rank adapts a trained model, and scratch:PRESET starts from nothing; drop one of them."
         )
     if config.tokenizer == "sentencepiece" and not is_scratch(config.init):
         raise UsageError("--tokenizer sentencepiece trains a new vocabulary, so it needs --init scratch:PRESET.")

@@ -32,6 +32,8 @@ from gpt2_jax.console import is_primary, print_utf8
 from gpt2_jax.data.batches import BatchSampler, eval_windows
 from gpt2_jax.errors import UserError
 from gpt2_jax.model.flops import flops_per_token
+from gpt2_jax.model.lora import adapter_count, merge
+from gpt2_jax.model.params import count_params
 from gpt2_jax.training.distributed import global_batch, host_copy, local_rows
 from gpt2_jax.training.events import Due, due_at, periodic, stop_agreed, stop_signals
 from gpt2_jax.training.run_dir import format_samples
@@ -60,6 +62,17 @@ class MovingAverage:
 
     def state(self) -> list[float]:
         return [self.total, self.weight]
+
+
+def step_flops_per_token(s: Session) -> float:
+    """The train step's model FLOPs per token: 6N + attention, and with LoRA 2N fewer, since the frozen base's
+    weight gradients (a third of the matmul work) are never computed, plus 6 per adapter parameter."""
+    flops = flops_per_token(s.model_config, s.seq_len)
+    lora_config = s.cfg.lora()
+    if lora_config is None:
+        return flops
+    mc = s.model_config
+    return flops - 2 * (count_params(mc) - mc.n_ctx * mc.n_embd) + 6 * adapter_count(mc, lora_config)
 
 
 class Diverged(UserError):
@@ -100,7 +113,7 @@ class Loop:
         self.elapsed_before = float(meta.get("elapsed", 0.0)) if meta else 0.0
         self.avg = MovingAverage(meta.get("avg") if meta else None)
         self.records = s.records
-        self.flops_per_token = flops_per_token(s.model_config, s.seq_len)
+        self.flops_per_token = step_flops_per_token(s)
         self.start = time.perf_counter()
         self.window_step, self.window_start = self.step, self.start  # what the next log line's rate measures
         self.last_plot = 0.0
@@ -199,7 +212,7 @@ class Loop:
             if len(rows) < batch:  # pad the last batch to the compiled shape; padded rows weigh nothing
                 rows = np.concatenate([rows, np.repeat(rows[-1:], batch - len(rows), axis=0)])
             rows_array = global_batch(rows[mine], s.mesh, batch)
-            loss_sum, n = s.eval_step(s.state.params, rows_array, global_batch(weight[mine], s.mesh, batch))
+            loss_sum, n = s.eval_step(s.state.model_params(), rows_array, global_batch(weight[mine], s.mesh, batch))
             total, count = total + loss_sum, count + n
         val_loss = float(total) / max(float(count), 1.0)
         tqdm.write(f"[{self.step} | {self.elapsed():.2f}] validation loss={val_loss:.3f}", file=sys.stdout)
@@ -216,6 +229,8 @@ class Loop:
 
         seed = int(np.asarray(jax.device_get(s.state.rng)).ravel()[-1]) + self.step
         params = s.state.params
+        if s.state.frozen is not None:  # the sampler's forward reads plain GPT-2 weights: merge the adapters in
+            params = merge(s.state.frozen, params, s.cfg.lora())
         if s.sharding != "replicated" or jax.process_count() > 1:
             # The sampler runs on one process's devices: gather the sharded weights (every process takes part).
             params = host_copy(params)

@@ -1,8 +1,9 @@
 """The optimizer: AdamW with nanoGPT's weight-decay rule, a warmup + cosine (or constant) schedule, global-norm clip.
 
-Weight decay applies to the matrices (every `w`) and the embeddings (`wte`, `wpe`), never to biases or layer-norm
-gains. The rule goes by name, not by rank: the stacked layers give biases a leading `n_layer` axis, so a bias is
-2-D here and "decay everything with ndim >= 2" would wrongly decay it.
+Weight decay applies to the matrices (every `w`, and LoRA's `lora_A`, `lora_B`: decaying B pulls the adapted model
+back towards its base) and the embeddings (`wte`, `wpe`), never to biases or layer-norm gains. The rule goes by name,
+not by rank: the stacked layers give biases a leading `n_layer` axis, so a bias is 2-D here and "decay everything
+with ndim >= 2" would wrongly decay it.
 
 `OptimizerConfig` names the settings; it is frozen and hashable, so equal settings give the one (optimizer,
 schedule) pair of `optimizer_and_schedule`, and with it the same cached abstract state and compiled steps.
@@ -20,7 +21,7 @@ import optax
 from gpt2_jax.errors import UsageError
 from gpt2_jax.training.config import TrainConfig
 
-DECAYED_NAMES = frozenset({"w", "wte", "wpe"})
+DECAYED_NAMES = frozenset({"w", "wte", "wpe", "lora_A", "lora_B"})
 
 
 def decay_mask(params: Any) -> Any:

@@ -1,6 +1,7 @@
 """A training run's directory: model description, tokenizer, lock, metrics, loss plot and samples.
 
     runs/NAME/gpt2_jax.json      model config + "training": the run's options (a model directory for sample.py)
+                                 + "lora": a LoRA run's adapters and base model (weights/lora_run.py)
     runs/NAME/encoder.json, vocab.bpe | tokenizer.model
     runs/NAME/checkpoints/       see checkpoints.py
     runs/NAME/metrics.jsonl      one JSON object per logged step (step, loss, avg, lr, tokens_per_s, ...) and per
@@ -119,12 +120,15 @@ class RunDir:
         except OSError as e:
             raise UserError(f"Cannot create the run directory {self.path}: {e.strerror or e}.")
 
-    def write_model(self, config: GPT2Config, tokenizer: Tokenizer, training: dict[str, Any]) -> None:
-        """gpt2_jax.json (config + training options) and the tokenizer files: what makes the run a model."""
+    def write_model(
+        self, config: GPT2Config, tokenizer: Tokenizer, training: dict[str, Any], lora: dict[str, Any] | None = None
+    ) -> None:
+        """gpt2_jax.json (config + training options, and a LoRA run's record: weights/lora_run.py) and the
+        tokenizer files: what makes the run a model."""
         if not self.writer:
             return
         tokenizer.save(self.path)
-        native.write_model_json(self.path, config, training=training)
+        native.write_model_json(self.path, config, training=training, **({"lora": lora} if lora else {}))
 
     def read_training_options(self) -> dict[str, Any] | None:
         try:

@@ -25,8 +25,9 @@ from gpt2_jax.data import files as data_files
 from gpt2_jax.data.dataset import TokenDataset, load_dataset
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.model.flops import peak_flops
+from gpt2_jax.model.lora import LoraConfig, adapter_count
 from gpt2_jax.model.params import count_params
-from gpt2_jax.model.transformer import init_params
+from gpt2_jax.model.transformer import Tuning, init_params
 from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer, load_tokenizer
 from gpt2_jax.tokenizers.sentencepiece import train_sentencepiece
@@ -40,7 +41,8 @@ from gpt2_jax.training.start import StartMode, resolve_start
 from gpt2_jax.training.state import abstract_state, choose_sharding, fresh_state, restored_state, step_functions
 from gpt2_jax.training.step import TrainState
 from gpt2_jax.weights import native
-from gpt2_jax.weights.loading import default_compute_dtype, load_model
+from gpt2_jax.weights.loading import default_compute_dtype, load_lora_base, load_model
+from gpt2_jax.weights.lora_run import LoraRecord, base_reference, read_record
 
 
 @dataclasses.dataclass
@@ -98,24 +100,34 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
     per_device = check_batch(cfg.batch_size, len(devices), cfg.accumulate_gradients)
     mesh = make_mesh(devices)
 
+    lora_config = cfg.lora()
     if start.fresh:
         model_config, params, tokenizer, description = build_fresh_model(cfg, dtype, dataset_path)
+        record = LoraRecord(lora_config, base_reference(cfg.init, cfg.seed, params)) if lora_config else None
     else:
         model_config, params, tokenizer, description = continued_model(start.source.parent)
+        record = continued_lora(start.source.parent, lora_config)
+        if record is not None:  # the checkpoint holds the adapters; the base comes from where the run recorded it
+            params = load_lora_base(record, start.source.parent)
     model_config = compute_settings(model_config, cfg, dtype)
     cfg = dataclasses.replace(cfg, seq_len=checked_seq_len(cfg.seq_len, model_config))
     dataset = _load_dataset_once(dataset_path, tokenizer, cfg)
 
     optimizer = OptimizerConfig.of(cfg)
-    sharding, state_bytes = choose_sharding(cfg.sharding, model_config, optimizer, mesh)
-    compiled = step_functions(model_config, optimizer, mesh, cfg.accumulate_gradients, sharding)
+    tuning = Tuning(lora=lora_config, dropout=cfg.dropout)
+    sharding, state_bytes = choose_sharding(cfg.sharding, model_config, optimizer, mesh, lora_config)
+    compiled = step_functions(model_config, optimizer, mesh, cfg.accumulate_gradients, sharding, tuning)
     checkpoints = Checkpoints(run.checkpoints, keep=cfg.keep)
     if start.fresh:
         begin = fresh_state(run, checkpoints, params, cfg.seed, compiled.init_state)
-        del params  # the state holds the only copy the run needs
     else:
-        begin = restored_state(run, checkpoints, start, abstract_state(model_config, optimizer), compiled.shardings)
-    run.write_model(model_config, tokenizer, cfg.to_json())
+        abstract = abstract_state(model_config, optimizer, lora_config)
+        begin = restored_state(run, checkpoints, start, abstract, compiled.shardings)
+        if record is not None:
+            frozen = compiled.place_frozen(jax.device_get(params) if jax.process_count() > 1 else params)
+            begin = dataclasses.replace(begin, state=begin.state.replace(frozen=frozen))
+    del params  # the state holds the only copy the run needs
+    run.write_model(model_config, tokenizer, cfg.to_json(), lora=record.to_json() if record else None)
 
     peak, peak_source = _peak_flops(devices[0], dtype)
     if devices[0].platform != "cpu":  # CPU "devices" share one socket: the measured peak is already the total
@@ -151,6 +163,24 @@ def build_fresh_model(cfg: TrainConfig, dtype: str, dataset_path: str) -> tuple[
 def continued_model(model_dir: Path) -> tuple[GPT2Config, None, Tokenizer, str]:
     """(config, no params: the checkpoint holds them, tokenizer, description) of the run a checkpoint belongs to."""
     return native.read_model_json(model_dir), None, load_tokenizer(model_dir), f"{model_dir.name}, continued"
+
+
+def adapter_shape(lora_config: LoraConfig | None) -> tuple | None:
+    """What a checkpoint's adapters depend on (--lora_dropout may change between runs)."""
+    return None if lora_config is None else (lora_config.rank, lora_config.alpha, lora_config.targets)
+
+
+def continued_lora(model_dir: Path, lora_config: LoraConfig | None) -> LoraRecord | None:
+    """The LoRA record of the run a checkpoint belongs to; its checkpoints fit only the same adapters."""
+    record = read_record(model_dir)
+    if adapter_shape(record.lora if record else None) != adapter_shape(lora_config):
+        had = f"LoRA {record.lora}" if record else "full fine-tuning"
+        now = f"LoRA {lora_config}" if lora_config else "full fine-tuning"
+        raise UsageError(
+            f"The checkpoints of {model_dir} were trained with {had} and this run asks for {now}; continue with the "
+            "same --lora_rank, --lora_alpha and --lora_targets, or start a new run."
+        )
+    return record._replace(lora=lora_config) if record else None
 
 
 def _dataset_texts(path: str) -> Iterator[str]:
@@ -220,7 +250,9 @@ def _print_summary(
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     layout = "replicated" if s.sharding == "replicated" else f"sharded {len(devices)} ways (fsdp)"
     other = "fsdp" if s.sharding == "replicated" else "replicated"
-    state = f"state: params + AdamW {gib(state_bytes[s.sharding])} per device, {layout}"
+    lora_config = cfg.lora()
+    what = "frozen base + LoRA adapters + their AdamW" if lora_config else "params + AdamW"
+    state = f"state: {what} {gib(state_bytes[s.sharding])} per device, {layout}"
     if len(devices) > 1:
         state += f"; {other}: {gib(state_bytes[other])}"
     how = {"fresh": "new run", "resume": f"resuming at step {s.start_step}", "path": f"from step {s.start_step}"}
@@ -229,6 +261,7 @@ def _print_summary(
         f"model: {s.description}: {mc.n_layer} layers x {mc.n_embd} ({mc.n_head} heads), vocab {mc.n_vocab}, "
         f"{count_params(mc):,} params; {mc.dtype} compute, float32 params{', remat' if mc.remat else ''}",
         f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}){processes}",
+        *([_lora_line(lora_config, mc)] if lora_config else []),
         state,
         f"batch: global {cfg.batch_size} sequences = {per_device} per device x {len(devices)} devices x "
         f"{cfg.accumulate_gradients} micro-batches; seq_len {s.seq_len}; {cfg.batch_size * s.seq_len:,} tokens/step",
@@ -237,4 +270,14 @@ def _print_summary(
         + f", weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}",
         f"MFU against {s.peak_flops / 1e12:.3g} TFLOP/s ({peak_source})",
     ]
+    if cfg.dropout or cfg.lora_dropout:
+        lines.append(f"dropout: {cfg.dropout:g} (embedding, residual), {cfg.lora_dropout:g} (LoRA input)")
     print("\n".join(lines), flush=True)
+
+
+def _lora_line(lora_config: LoraConfig, mc: GPT2Config) -> str:
+    trainable = adapter_count(mc, lora_config)
+    return (
+        f"LoRA: rank {lora_config.rank}, alpha {lora_config.alpha:g} on {', '.join(lora_config.targets)}: "
+        f"{trainable:,} trainable params ({100 * trainable / count_params(mc):.2f}% of the model), base frozen"
+    )

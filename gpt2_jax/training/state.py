@@ -17,11 +17,14 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.console import note
-from gpt2_jax.model.transformer import abstract_params
+from gpt2_jax.model import lora
+from gpt2_jax.model.lora import LoraConfig
+from gpt2_jax.model.transformer import Tuning, abstract_params
 from gpt2_jax.training.checkpoints import Checkpoints
 from gpt2_jax.training.mesh import bytes_per_device, choose_strategy, tree_shardings
 from gpt2_jax.training.optim import OptimizerConfig, optimizer_and_schedule
@@ -29,21 +32,41 @@ from gpt2_jax.training.run_dir import RunDir
 from gpt2_jax.training.start import StartMode
 from gpt2_jax.training.step import TrainState, build_eval_step, build_train_step, create_state
 
+ADAPTER_INIT_STREAM = 1  # folded into the run's seed for the adapters' init, apart from its other uses
+
+
+def initial_state(
+    model_config: GPT2Config,
+    adamw: optax.GradientTransformation,
+    lora_config: LoraConfig | None,
+    params: Any,
+    seed: int,
+) -> TrainState:
+    """The state before the first step: every weight trains, or with LoRA new adapters over the frozen `params`
+    (their matrices kept in the compute dtype: lora.freeze)."""
+    if lora_config is None:
+        return create_state(params, adamw, seed)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), ADAPTER_INIT_STREAM)
+    adapters = lora.init_adapters(model_config, lora_config, key)
+    return create_state(adapters, adamw, seed, frozen=lora.freeze(params, model_config.dtype))
+
 
 @functools.lru_cache(maxsize=4)
-def abstract_state(model_config: GPT2Config, optimizer: OptimizerConfig) -> TrainState:
+def abstract_state(model_config: GPT2Config, optimizer: OptimizerConfig, lora_config: LoraConfig | None) -> TrainState:
     """The training state's shapes and dtypes; traced once per configuration, though the memory check, the step's
     shardings and a restore all ask for it."""
     adamw = optimizer_and_schedule(optimizer)[0]
-    return jax.eval_shape(lambda p: create_state(p, adamw, 0), abstract_params(model_config))
+    return jax.eval_shape(
+        lambda p: initial_state(model_config, adamw, lora_config, p, 0), abstract_params(model_config)
+    )
 
 
 def choose_sharding(
-    requested: str, model_config: GPT2Config, optimizer: OptimizerConfig, mesh: Mesh
+    requested: str, model_config: GPT2Config, optimizer: OptimizerConfig, mesh: Mesh, lora_config: LoraConfig | None
 ) -> tuple[str, dict[str, int]]:
     """('replicated' | 'fsdp', per-device bytes of the state under each), checked against the devices' memory
     before anything is allocated."""
-    abstract = abstract_state(model_config, optimizer)
+    abstract = abstract_state(model_config, optimizer, lora_config)
     state_bytes = {k: bytes_per_device(abstract, tree_shardings(abstract, mesh, k)) for k in ("replicated", "fsdp")}
     device = mesh.devices.flat[0]
     return choose_strategy(requested, state_bytes, device, mesh.devices.size), state_bytes
@@ -55,23 +78,26 @@ class StepFunctions:
     init_state: Callable[[Any, int], TrainState]  # (params, seed) -> the state, placed on `shardings`
     train_step: Callable  # step.build_train_step
     eval_step: Callable  # step.build_eval_step
+    place_frozen: Callable | None  # with LoRA: base params -> the state's `frozen`, placed (a continued run's base)
 
 
 @functools.lru_cache(maxsize=4)
 def step_functions(
-    model_config: GPT2Config, optimizer: OptimizerConfig, mesh: Mesh, accumulate: int, sharding: str
+    model_config: GPT2Config, optimizer: OptimizerConfig, mesh: Mesh, accumulate: int, sharding: str, tuning: Tuning
 ) -> StepFunctions:
     """The jitted functions of one configuration: a process that trains twice (tests, a notebook) compiles once,
     since jit caches executables per function object."""
     adamw, schedule = optimizer_and_schedule(optimizer)
-    shardings = tree_shardings(abstract_state(model_config, optimizer), mesh, sharding)
+    shardings = tree_shardings(abstract_state(model_config, optimizer, tuning.lora), mesh, sharding)
+    freeze = functools.partial(lora.freeze, compute_dtype=model_config.dtype)
     return StepFunctions(
         shardings=shardings,
-        init_state=jax.jit(lambda params, seed: create_state(params, adamw, seed), out_shardings=shardings),
+        init_state=jax.jit(functools.partial(initial_state, model_config, adamw, tuning.lora), out_shardings=shardings),
         train_step=build_train_step(
-            model_config, adamw, schedule, mesh, accumulate=accumulate, state_sharding=shardings
+            model_config, adamw, schedule, mesh, accumulate=accumulate, state_sharding=shardings, tuning=tuning
         ),
-        eval_step=build_eval_step(model_config, mesh, shardings.params),
+        eval_step=build_eval_step(model_config, mesh, shardings.model_params(), tuning.lora),
+        place_frozen=None if tuning.lora is None else jax.jit(freeze, out_shardings=shardings.frozen),
     )
 
 

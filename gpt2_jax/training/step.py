@@ -10,6 +10,11 @@ Gradient accumulation runs inside the step: the global batch `[B, T+1]` is split
 summed by a `lax.scan`, so one dispatch covers the whole optimizer step. Row `j * accumulate + i` goes to
 micro-batch `i`: every device keeps its own rows, no data moves between devices.
 
+LoRA (model/lora.py): the state's `params` are the adapters alone and `frozen` the base model, a constant of the
+loss: neither its gradients nor AdamW state for it exist. Dropout (transformer.Tuning) draws its masks from the run's
+key folded with the step and the micro-batch index, so resuming and the device count change none of them; with
+every rate 0 the step is the plain one, with no key in it.
+
 Loss: mean next-token cross-entropy in float32, from the model's final hidden state through the fused tied head
 (`ops.tied_head_losses`): logits in the compute dtype, log-sum-exp in float32, and in 16-bit compute no float32
 `[B, T, V]` tensor in memory, forward or backward. Training and evaluation (`evaluate.py`) share `token_losses`.
@@ -30,8 +35,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.model import ops
-from gpt2_jax.model.transformer import GPT2
+from gpt2_jax.model import lora, ops
+from gpt2_jax.model.lora import LoraConfig
+from gpt2_jax.model.transformer import GPT2, Tuning
 from gpt2_jax.training.mesh import batch_sharding, replicated
 
 Array = jax.Array
@@ -40,60 +46,94 @@ Metrics = dict[str, Array]
 
 @flax.struct.dataclass
 class TrainState:
-    params: Any
-    opt_state: Any
+    params: Any  # what trains: every weight, or with LoRA the adapters alone
+    opt_state: Any  # AdamW's state over `params` only
     step: Array  # int32 scalar: optimizer updates applied so far
-    rng: Array  # uint32[2]: the run's base key (sampling during training derives its seeds from it)
+    rng: Array  # uint32[2]: the run's base key (sampling seeds and dropout masks derive from it)
+    frozen: Any = None  # with LoRA, the base model's weights: no gradient, no optimizer state, never checkpointed
+
+    def model_params(self) -> Any:
+        """The params tree the forward reads: the base with its adapters beside their weights, or `params`."""
+        return self.params if self.frozen is None else lora.combine(self.frozen, self.params)
 
 
-def create_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def create_state(params: Any, optimizer: optax.GradientTransformation, seed: int, frozen: Any = None) -> TrainState:
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.PRNGKey(seed),
+        frozen=frozen,
     )
 
 
-def replicated_state(mesh: Mesh) -> TrainState:
+def replicated_state(mesh: Mesh, frozen: bool = False) -> TrainState:
     """Every part of the state whole on every device (a TrainState of shardings, each a prefix of its subtree)."""
     whole = replicated(mesh)
-    return TrainState(params=whole, opt_state=whole, step=whole, rng=whole)
+    return TrainState(params=whole, opt_state=whole, step=whole, rng=whole, frozen=whole if frozen else None)
 
 
-def token_losses(params: Any, config: GPT2Config, batch_BT1: Array) -> Array:
-    """Next-token cross-entropy `[B, T]` in float32 for windows `[B, T+1]`."""
+def token_losses(
+    params: Any, config: GPT2Config, batch_BT1: Array, tuning: Tuning = Tuning(), rng: Array | None = None
+) -> Array:
+    """Next-token cross-entropy `[B, T]` in float32 for windows `[B, T+1]`; `rng` keys the dropout masks of a
+    training `tuning` (transformer.Tuning)."""
     inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-    x_BTD = GPT2(config).apply({"params": params}, inputs_BT, method=GPT2.hidden)
+    rngs = {"dropout": rng} if tuning.needs_rng else {}
+    x_BTD = GPT2(config, tuning).apply({"params": params}, inputs_BT, method=GPT2.hidden, rngs=rngs)
     return ops.tied_head_losses(x_BTD, params["wte"], targets_BT, config.dtype)
 
 
-def mean_loss(params: Any, config: GPT2Config, batch_BT1: Array) -> Array:
-    return token_losses(params, config, batch_BT1).mean()
+def mean_loss(
+    params: Any, config: GPT2Config, batch_BT1: Array, tuning: Tuning = Tuning(), rng: Array | None = None
+) -> Array:
+    if tuning.lora is None and not tuning.needs_rng:  # plain GPT-2: the very call evaluation makes
+        return token_losses(params, config, batch_BT1).mean()
+    return token_losses(params, config, batch_BT1, tuning, rng).mean()
 
 
-def _loss_and_grads(params: Any, config: GPT2Config, batch_BT1: Array, accumulate: int, mesh: Mesh, params_sharding):
-    def grad_fn(params, config, batch_BT1):
-        loss, grads = jax.value_and_grad(mean_loss)(params, config, batch_BT1)
+def _loss_and_grads(
+    state: TrainState,
+    config: GPT2Config,
+    tuning: Tuning,
+    batch_BT1: Array,
+    accumulate: int,
+    mesh: Mesh,
+    params_sharding,
+):
+    # Dropout masks from the run's key, the step and the micro-batch: a resumed run draws the same ones.
+    step_rng = jax.random.fold_in(state.rng, state.step) if tuning.needs_rng else None
+
+    def loss_of_trainable(params, batch_BT1, rng):
+        # Only `params` is differentiated: with LoRA the frozen base is a constant, so XLA never computes its
+        # weight gradients, only the activation gradients that flow through it to the adapters.
+        model_params = params if state.frozen is None else lora.combine(state.frozen, params)
+        return mean_loss(model_params, config, batch_BT1, tuning, rng)
+
+    def grad_fn(params, config, batch_BT1, index=0):
+        rng = None if step_rng is None else jax.random.fold_in(step_rng, index)
+        loss, grads = jax.value_and_grad(loss_of_trainable)(params, batch_BT1, rng)
         # Gradients land where their params live: all-reduced when replicated, reduce-scattered when sharded.
         return loss, jax.lax.with_sharding_constraint(grads, params_sharding)
 
+    params = state.params
     if accumulate == 1:
         return grad_fn(params, config, batch_BT1)
     B, T1 = batch_BT1.shape
     micro_ABT1 = batch_BT1.reshape(B // accumulate, accumulate, T1).swapaxes(0, 1)
     micro_ABT1 = jax.lax.with_sharding_constraint(micro_ABT1, NamedSharding(mesh, PartitionSpec(None, "data")))
 
-    def add_micro_batch(carry, micro_BT1):
+    def add_micro_batch(carry, micro):
         loss_sum, grad_sum = carry
-        loss, grads = grad_fn(params, config, micro_BT1)
+        index, micro_BT1 = micro
+        loss, grads = grad_fn(params, config, micro_BT1, index)
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = (
         jnp.zeros((), jnp.float32),
         jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), params_sharding),
     )
-    (loss_sum, grad_sum), _ = jax.lax.scan(add_micro_batch, zeros, micro_ABT1)
+    (loss_sum, grad_sum), _ = jax.lax.scan(add_micro_batch, zeros, (jnp.arange(accumulate), micro_ABT1))
     return loss_sum / accumulate, jax.tree.map(lambda g: g / accumulate, grad_sum)
 
 
@@ -105,18 +145,21 @@ def build_train_step(
     *,
     accumulate: int = 1,
     state_sharding: TrainState | None = None,
+    tuning: Tuning = Tuning(),
 ) -> Callable[[TrainState, Array], tuple[TrainState, Metrics]]:
     """`train_step(state, batch) -> (state, metrics)`, jitted with explicit shardings and the state donated.
 
     state_sharding: a TrainState of NamedShardings (mesh.tree_shardings); None replicates the whole state.
+    tuning: LoRA and dropout (transformer.Tuning, `train` set here); with LoRA the state's `frozen` holds the base.
     metrics: `loss` (mean over the global batch, before the update), `grad_norm` (before clipping), `lr` (the
     rate this update used).
     """
     if state_sharding is None:
-        state_sharding = replicated_state(mesh)
+        state_sharding = replicated_state(mesh, frozen=tuning.lora is not None)
+    tuning = tuning._replace(train=True)
 
     def train_step(state: TrainState, batch_BT1: Array) -> tuple[TrainState, Metrics]:
-        loss, grads = _loss_and_grads(state.params, config, batch_BT1, accumulate, mesh, state_sharding.params)
+        loss, grads = _loss_and_grads(state, config, tuning, batch_BT1, accumulate, mesh, state_sharding.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
@@ -131,16 +174,16 @@ def build_train_step(
 
 
 def build_eval_step(
-    config: GPT2Config, mesh: Mesh, params_sharding: Any = None
+    config: GPT2Config, mesh: Mesh, params_sharding: Any = None, lora_config: LoraConfig | None = None
 ) -> Callable[[Any, Array, Array], tuple[Array, Array]]:
     """`eval_step(params, batch [B, T+1], row_weight [B]) -> (summed loss, number of predicted tokens)`.
 
-    Rows of weight 0 pad the last batch to the compiled shape and count for nothing. params_sharding: as the
-    train state's params lie (None: replicated).
+    Rows of weight 0 pad the last batch to the compiled shape and count for nothing. params: `state.model_params()`,
+    lying as `params_sharding` says (None: replicated). No dropout: evaluation sees the model as sampling does.
     """
 
     def eval_step(params: Any, batch_BT1: Array, row_weight_B: Array) -> tuple[Array, Array]:
-        losses_BT = token_losses(params, config, batch_BT1)
+        losses_BT = token_losses(params, config, batch_BT1, Tuning(lora=lora_config))
         weight_B = row_weight_B.astype(jnp.float32)
         return (losses_BT.sum(axis=1) * weight_B).sum(), weight_B.sum() * losses_BT.shape[1]
 

@@ -9,5 +9,7 @@ hf_export.py       the rest of a Hugging Face export: tokenizer files, generatio
 hub.py             Hugging Face Hub ids, resolved through the local HF cache (downloaded when online)
 safetensors_io.py  safetensors files (single or sharded) read and written without torch
 native.py          our own format: gpt2_jax.json + an orbax params directory
-checksums.py       CRC-32 manifests of saved params
+checksums.py       CRC-32 manifests of saved params, and of a params tree's values
+lora_run.py        a LoRA run's record of its adapters and base model; its checkpoints' adapters
+peft_export.py     a LoRA run's adapters for Hugging Face PEFT (adapter_model.safetensors + adapter_config.json)
 """

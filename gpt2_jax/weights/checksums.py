@@ -16,6 +16,10 @@ import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
 
 from gpt2_jax.errors import UserError
 from gpt2_jax.io import atomic_write_bytes
@@ -29,6 +33,15 @@ def file_crc32(path: Path) -> int:
     with open(path, "rb") as f:
         while block := f.read(BLOCK):
             crc = zlib.crc32(block, crc)
+    return crc
+
+
+def params_crc32(params: Any) -> int:
+    """CRC-32 of a params pytree's float32 values, leaf by leaf in the tree's order: the identity of a model's
+    weights whatever format they were read from (a LoRA run's reference to its base model)."""
+    crc = 0
+    for leaf in jax.tree.leaves(params):
+        crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf, np.float32)).data, crc)
     return crc
 
 

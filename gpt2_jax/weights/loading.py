@@ -9,6 +9,9 @@
     run     a training run dir (gpt2_jax.json + checkpoints/): its newest complete checkpoint
     step    one step dir inside a run (runs/NAME/checkpoints/1000)
 
+A LoRA run's checkpoint holds adapters alone: its base model (lora_run.py) is loaded and checked, and the adapters
+are merged into it here, once, so every user of the params sees plain GPT-2 weights.
+
 The config comes from the weights' own file (hparams.json, config.json, gpt2_jax.json); without one, shapes that
 match a released GPT-2 exactly select that preset. The tokenizer is the model directory's own, else GPT-2's.
 A Hub id is read from its folder in the local Hugging Face cache, downloaded into it first when missing.
@@ -26,11 +29,12 @@ import jax
 from gpt2_jax.config import DTYPES, PRESETS, GPT2Config, get_config, preset_names
 from gpt2_jax.console import note
 from gpt2_jax.errors import UserError
+from gpt2_jax.model.lora import merge
 from gpt2_jax.model.params import parse_name
 from gpt2_jax.model.transformer import init_params
 from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.tokenizers.gpt2_bpe import load_tokenizer
-from gpt2_jax.weights import hub, native, openai, safetensors_io
+from gpt2_jax.weights import hub, lora_run, native, openai, safetensors_io
 from gpt2_jax.weights.huggingface import params_from_hf_state_dict
 from gpt2_jax.weights.tf_bundle import TFCheckpoint, checkpoint_prefix
 
@@ -163,8 +167,25 @@ def _read_run(path: Path, fmt: str) -> Weights:
 
 
 def _read_step(run_dir: Path, step_dir: Path, config: GPT2Config) -> Weights:
-    params, step = native.load_params(step_dir / "params", config), int(step_dir.name)
-    return Weights(config, params, f"training run {run_dir} at step {step}", [], run_dir, step)
+    step = int(step_dir.name)
+    record = lora_run.read_record(run_dir)
+    if record is None:
+        params = native.load_params(step_dir / "params", config)
+        return Weights(config, params, f"training run {run_dir} at step {step}", [], run_dir, step)
+    adapters = lora_run.load_adapters(step_dir, config, record)
+    params = jax.device_get(merge(load_lora_base(record, run_dir), adapters, record.lora))
+    source = f"LoRA run {run_dir} at step {step} (rank {record.lora.rank} on {record.base['model']}, merged)"
+    return Weights(config, params, source, [], run_dir, step)
+
+
+def load_lora_base(record: lora_run.LoraRecord, run: str | os.PathLike) -> dict:
+    """The float32 params of a LoRA run's base model, checked to be the ones its adapters were trained on."""
+    try:
+        base = load_model(record.base["model"], dtype="float32", seed=int(record.base.get("seed", 0)))
+    except UserError as e:
+        raise lora_run.missing_base(record, run, e)
+    lora_run.check_base(record, base.params, run)
+    return base.params
 
 
 def read_weights(path: str | os.PathLike, *, verify_crc: bool | None = None) -> Weights:

@@ -75,6 +75,12 @@ def save_params(params_dir: str | os.PathLike, params: Mapping[str, Any]) -> Non
 def load_params(params_dir: str | os.PathLike, config: GPT2Config) -> dict:
     """Restore params, checking their files against saved checksums and every shape against the config first (a clear
     sentence instead of orbax's error, or instead of silently wrong weights)."""
+    return load_tree(params_dir, abstract_params(config), f"the config {config.to_hparams()}")
+
+
+def load_tree(params_dir: str | os.PathLike, abstract: Any, expected: str) -> dict:
+    """Restore a pytree of arrays shaped as `abstract` (params, or a LoRA run's adapters), checked as load_params
+    says; `expected` names what dictates the shapes, for the error."""
     params_dir = Path(params_dir).absolute()
     # Checksums saved beside params/ (a converted model's, or a training step's) catch what orbax cannot see.
     verify_checksums(params_dir.parent, params_dir.name, advice="use another checkpoint, or convert the model again")
@@ -82,7 +88,7 @@ def load_params(params_dir: str | os.PathLike, config: GPT2Config) -> dict:
     # sharded) samples on one, and orbax refuses to guess a placement for devices it does not see.
     quiet_orbax_failures()  # a damaged file is one sentence below, not tracebacks from orbax's other readers
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params(config))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     with _quiet_absl(), ocp.StandardCheckpointer() as checkpointer:
         try:
             stored = checkpointer.metadata(params_dir).item_metadata
@@ -94,8 +100,8 @@ def load_params(params_dir: str | os.PathLike, config: GPT2Config) -> dict:
             name = jax.tree_util.keystr(key)
             if stored_shapes.get(name) != tuple(leaf.shape):
                 raise UserError(
-                    f"{params_dir}: param {name} has shape {stored_shapes.get(name)} but the config "
-                    f"{config.to_hparams()} needs {tuple(leaf.shape)}; the params and {CONFIG_FILE} do not match."
+                    f"{params_dir}: param {name} has shape {stored_shapes.get(name)} but {expected} needs "
+                    f"{tuple(leaf.shape)}; the params and {CONFIG_FILE} do not match."
                 )
         try:
             return checkpointer.restore(params_dir, target)
