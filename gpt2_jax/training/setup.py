@@ -271,7 +271,7 @@ def _print_summary(
         f"MFU against {s.peak_flops / 1e12:.3g} TFLOP/s ({peak_source})",
     ]
     if cfg.dropout or cfg.lora_dropout:
-        lines.append(f"dropout: {cfg.dropout:g} (embedding, residual), {cfg.lora_dropout:g} (LoRA input)")
+        lines.append(f"dropout: {cfg.dropout:g} (embedding, attention, residual), {cfg.lora_dropout:g} (LoRA input)")
     print("\n".join(lines), flush=True)
 
 
