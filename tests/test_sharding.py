@@ -73,7 +73,7 @@ def test_a_state_that_cannot_fit_is_refused_before_anything_is_allocated():
     sizes = {"replicated": 17 * GIB, "fsdp": 17 * GIB / 8}
     with pytest.raises(UserError, match=r"17.00 GiB per device \(replicated\).*--sharding fsdp \(2.12 GiB"):
         choose_strategy("replicated", sizes, FakeDevice(24 * GIB), 8)
-    with pytest.raises(UserError, match=r"need 17.00 GiB per device.*add devices and split"):
+    with pytest.raises(UserError, match=r"needs 17.00 GiB per device.*add devices and split"):
         choose_strategy("auto", sizes, FakeDevice(24 * GIB), 1)  # one device: nothing to shard across
     with pytest.raises(UserError, match=r"2.12 GiB per device \(fsdp\)"):
         choose_strategy("fsdp", sizes, FakeDevice(2 * GIB), 8)

@@ -153,9 +153,9 @@ def choose_strategy(requested: str, state_bytes: dict[str, int], device: jax.Dev
         else:
             way_out = "add devices and split it across them with --sharding fsdp"
         raise UserError(
-            f"The params and AdamW state need {gib(state_bytes[requested])} per device ({requested}), more than "
-            f"{STATE_MEMORY_SHARE:.0%} of the {gib(limit)} a {device.device_kind} has; {way_out}, or pick a smaller "
-            "model."
+            f"The training state (the params, and AdamW state for those that train) needs {gib(state_bytes[requested])}"
+            f" per device ({requested}), more than {STATE_MEMORY_SHARE:.0%} of the {gib(limit)} a "
+            f"{device.device_kind} has; {way_out}, or pick a smaller model."
         )
     return requested
 
