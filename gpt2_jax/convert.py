@@ -166,7 +166,17 @@ def card_facts(model: LoadedModel, name: str) -> hf_export.CardFacts:
         steps=model.step,
         tokens=next((r["tokens"] for r in reversed(records) if "tokens" in r), None),
         val_loss=(validated[-1]["step"], validated[-1]["val_loss"]) if validated else None,
+        lora=lora_summary(training),
     )
+
+
+def lora_summary(training: dict) -> str | None:
+    """'rank R, alpha A, on TARGETS' for a LoRA run's saved training options; None for full fine-tuning."""
+    rank = training.get("lora_rank")
+    if not rank:
+        return None
+    alpha = training.get("lora_alpha")
+    return f"rank {rank}, alpha {alpha if alpha is not None else rank:g}, on {training.get('lora_targets', 'c_attn')}"
 
 
 def random_start(init: str | None) -> bool:

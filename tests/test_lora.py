@@ -245,6 +245,9 @@ def test_peft_loads_the_export_with_our_logits_and_hf_export_is_merged(straight,
         from_merged = merged(torch.from_numpy(tokens)).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
     np.testing.assert_allclose(from_merged, ours, atol=1e-4)
+    card = (tmp_path / "merged-hf" / "README.md").read_text()
+    assert "- lora\n" in card and "- method: LoRA (rank " in card  # the merged model's card says how it was tuned
+    assert "LoRA" not in (tmp_path / "base-hf" / "README.md").read_text()
     with pytest.raises(UserError, match="not a LoRA training run"):
         convert([str(base_dir), str(tmp_path / "nope"), "--to", "peft"])
 

@@ -183,6 +183,7 @@ class CardFacts:
     steps: int | None = None
     tokens: int | None = None  # tokens trained on
     val_loss: tuple[int, float] | None = None  # (step, validation loss) of the newest validation
+    lora: str | None = None  # e.g. "rank 8, alpha 8, on c_attn": the run trained LoRA adapters, merged here
 
 
 def model_card(facts: CardFacts) -> bytes:
@@ -192,6 +193,8 @@ def model_card(facts: CardFacts) -> bytes:
 
 def _card_metadata(f: CardFacts) -> str:
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- gpt2", "- gpt2-jax"]
+    if f.lora:
+        lines.append("- lora")
     if f.base_model:
         lines.append(f"base_model: {json.dumps(f.base_model)}")
     if f.val_loss is not None:
@@ -225,6 +228,8 @@ def _card_body(f: CardFacts) -> str:
     training = []
     if f.base_model or f.from_scratch:
         training.append(f"- started from: {f.base_model or 'random weights (trained from scratch)'}")
+    if f.lora:
+        training.append(f"- method: LoRA ({f.lora}), the adapters merged into the base weights in this export")
     if f.dataset:
         training.append(f"- data: {f.dataset}")
     if f.steps is not None:
