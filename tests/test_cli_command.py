@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gpt2_jax import cli as cli_module
 from gpt2_jax import commands
 from gpt2_jax.cli import run_cli
 
@@ -81,3 +82,15 @@ def test_the_root_scripts_are_shims():
 
     assert train.main is main
     assert len((ROOT / "train.py").read_text(encoding="utf-8").splitlines()) < 20
+
+
+def test_hints_name_commands_the_way_the_user_ran_this_one(monkeypatch):
+    """The end of a training run says how to sample: as `gpt2-jax sample`, `python -m gpt2_jax.sample` or the
+    checkout's `python sample.py`, whichever way the user started it."""
+    monkeypatch.setattr(cli_module, "invoked_as", None)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    assert cli_module.command_for("sample") == "python sample.py"
+    monkeypatch.setattr(sys, "argv", [str(Path(commands.__file__).with_name("train.py"))])
+    assert cli_module.command_for("sample") == "python -m gpt2_jax.sample"
+    monkeypatch.setattr(cli_module, "invoked_as", "gpt2-jax train")
+    assert cli_module.command_for("sample") == "gpt2-jax sample"

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from gpt2_jax.cli import command_for
 from gpt2_jax.console import is_primary, print_utf8
 from gpt2_jax.data.batches import BatchSampler, eval_windows
 from gpt2_jax.errors import UserError
@@ -325,5 +326,6 @@ class Loop:
         s.checkpoints.wait()
         self.sample()
         self.plot()
-        print(f"done: step {self.step} saved in {s.run.path}; sample it with: python sample.py --model {s.run.path}")
+        sample = f"{command_for('sample')} --model {s.run.path}"
+        print(f"done: step {self.step} saved in {s.run.path}; sample it with: {sample}")
         return 0
