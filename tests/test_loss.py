@@ -22,7 +22,7 @@ from reference import random_params
 
 from gpt2_jax.config import GPT2Config, get_config
 from gpt2_jax.model import ops
-from gpt2_jax.model.transformer import GPT2, init_params
+from gpt2_jax.model.transformer import GPT2, Tuning, init_params
 from gpt2_jax.training import step as step_module
 from gpt2_jax.training.mesh import make_mesh, shard_batch
 from gpt2_jax.training.optim import learning_rate_schedule, make_optimizer
@@ -31,8 +31,12 @@ from gpt2_jax.training.optim import learning_rate_schedule, make_optimizer
 ODD = GPT2Config(n_vocab=97, n_ctx=32, n_embd=48, n_head=3, n_layer=3)
 
 
-def plain_token_losses(params: Any, config: GPT2Config, batch_BT1: jax.Array) -> jax.Array:
-    """The loss as it was before the fused head: float32 logits from the model, then cross-entropy."""
+def plain_token_losses(
+    params: Any, config: GPT2Config, batch_BT1: jax.Array, tuning: Tuning = Tuning(), rng: jax.Array | None = None
+) -> jax.Array:
+    """The loss as it was before the fused head: float32 logits from the model, then cross-entropy (plain GPT-2:
+    no adapters, no dropout, so `tuning` and `rng`, which the training step passes, must ask for none)."""
+    assert tuning.lora is None and not tuning.needs_rng
     logits_BTV = GPT2(config).apply({"params": params}, batch_BT1[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch_BT1[:, 1:])
 

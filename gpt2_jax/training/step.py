@@ -87,8 +87,6 @@ def token_losses(
 def mean_loss(
     params: Any, config: GPT2Config, batch_BT1: Array, tuning: Tuning = Tuning(), rng: Array | None = None
 ) -> Array:
-    if tuning.lora is None and not tuning.needs_rng:  # plain GPT-2: the very call evaluation makes
-        return token_losses(params, config, batch_BT1).mean()
     return token_losses(params, config, batch_BT1, tuning, rng).mean()
 
 
