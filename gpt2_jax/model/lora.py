@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.errors import UsageError
+from gpt2_jax.model.params import param_shapes
 
 if TYPE_CHECKING:
     from gpt2_jax.config import GPT2Config
@@ -90,9 +91,9 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def linear_shape(config: GPT2Config, block: str, layer: str) -> tuple[int, int]:
-    """(In, Out) of one of GPT-2's linear layers."""
-    d = config.n_embd
-    return {"c_attn": (d, 3 * d), "c_fc": (d, 4 * d)}.get(layer, (4 * d if block == "mlp" else d, d))
+    """(In, Out) of one of GPT-2's linear layers: its conv1d weight's one-layer shape in the parameter table."""
+    n_in, n_out = param_shapes(config)[("h", block, layer, "w")][1:]
+    return n_in, n_out
 
 
 def init_a(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:

@@ -26,7 +26,7 @@ import numpy as np
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.console import warn
 from gpt2_jax.model.decode import DecodeWeights
-from gpt2_jax.sampling.generate import MIN_PROMPT_BUCKET
+from gpt2_jax.sampling.generate import MIN_PROMPT_BUCKET, left_pad, prompt_bucket
 from gpt2_jax.serving import rows as device
 from gpt2_jax.serving.choice import ChoiceText, Piece
 from gpt2_jax.tokenizers.base import Tokenizer
@@ -63,7 +63,8 @@ def default_chunk() -> int:
 
 
 def prompt_buckets(max_len: int) -> list[int]:
-    """Prompt widths the prefill compiles for: 16, 32, ... below `max_len`, and `max_len` itself."""
+    """Prompt widths the prefill compiles for: 16, 32, ... below `max_len`, and `max_len` itself (every width
+    `prompt_bucket(n, max_len)` gives)."""
     buckets, width = [], MIN_PROMPT_BUCKET
     while width < max_len:
         buckets.append(width)
@@ -215,9 +216,7 @@ class Engine:
     def _admit(self, row: int) -> None:
         job = self.jobs[row]
         n = len(job.prompt)
-        width = next(b for b in self.buckets if b >= n)
-        tokens = np.full((1, width), self.eot, np.int32)
-        tokens[0, width - n :] = job.prompt
+        tokens, _ = left_pad([job.prompt], prompt_bucket(n, self.max_len), self.eot)  # the sampler's shapes
         settings = device.settings_arrays(job.settings)
         self.rows, token, logprob = device.admit(
             self.weights, self.rows, np.int32(row), tokens, np.int32(n), settings, self.eot, **self.static
