@@ -158,22 +158,27 @@ def _read_run(path: Path, fmt: str) -> Weights:
         steps = [run_dir / "checkpoints" / str(s) for s in reversed(native.complete_steps(run_dir / "checkpoints"))]
     if not steps:
         raise UserError(f"Training run {run_dir} has no complete checkpoint yet; train it or pick another model.")
+    # A LoRA run's base is the run's, not a checkpoint's: loaded and checked once, before any checkpoint is tried
+    # (a missing base is one error, not a reason to fall back to older checkpoints).
+    record = lora_run.read_record(run_dir)
+    base = load_lora_base(record, run_dir) if record is not None else None
     for step_dir in steps[:-1]:
         try:
-            return _read_step(run_dir, step_dir, config)
+            return _read_step(run_dir, step_dir, config, record, base)
         except UserError as e:
             note(f"skipping checkpoint {step_dir}: {e}")
-    return _read_step(run_dir, steps[-1], config)
+    return _read_step(run_dir, steps[-1], config, record, base)
 
 
-def _read_step(run_dir: Path, step_dir: Path, config: GPT2Config) -> Weights:
+def _read_step(
+    run_dir: Path, step_dir: Path, config: GPT2Config, record: lora_run.LoraRecord | None, base: dict | None
+) -> Weights:
     step = int(step_dir.name)
-    record = lora_run.read_record(run_dir)
     if record is None:
         params = native.load_params(step_dir / "params", config)
         return Weights(config, params, f"training run {run_dir} at step {step}", [], run_dir, step)
     adapters = lora_run.load_adapters(step_dir, config, record)
-    params = jax.device_get(merge(load_lora_base(record, run_dir), adapters, record.lora))
+    params = jax.device_get(merge(base, adapters, record.lora))
     source = f"LoRA run {run_dir} at step {step} (rank {record.lora.rank} on {record.base['model']}, merged)"
     return Weights(config, params, source, [], run_dir, step)
 
