@@ -181,8 +181,26 @@ ALIASES = {
 }
 
 
+# `scratch:NAME` names a preset's shape with random weights, wherever a model is named (`--init`, `--model`): a bare
+# `gpt2` or `124M` means OpenAI's trained weights, as it does everywhere else in the ecosystem.
+SCRATCH_PREFIX = "scratch:"
+
+
 def preset_names() -> list[str]:
     return list(PRESETS) + list(ALIASES)
+
+
+def is_scratch(spec: str | os.PathLike[str] | None) -> bool:
+    return spec is not None and str(spec).startswith(SCRATCH_PREFIX)
+
+
+def scratch_preset(spec: str) -> str:
+    """The preset named by `scratch:NAME` (checked: an unknown NAME is one sentence listing the known ones)."""
+    name = spec[len(SCRATCH_PREFIX) :]
+    if ALIASES.get(name, name) not in PRESETS:
+        names = ", ".join(SCRATCH_PREFIX + n for n in preset_names())
+        raise UserError(f"Unknown model shape {spec!r} for random weights; choose one of {names}.")
+    return name
 
 
 def get_config(name: str, **overrides: Any) -> GPT2Config:

@@ -29,7 +29,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from gpt2_jax.cli import ArgumentParser, run_cli
-from gpt2_jax.config import ALIASES, DTYPES, PRESETS, GPT2Config, preset_names
+from gpt2_jax.config import ALIASES, DTYPES, PRESETS, GPT2Config, is_scratch, preset_names
 from gpt2_jax.console import note
 from gpt2_jax.download import HF_REPOS
 from gpt2_jax.errors import UsageError, UserError, short_reason
@@ -38,7 +38,6 @@ from gpt2_jax.model.lora import adapter_count
 from gpt2_jax.model.params import count_params
 from gpt2_jax.sampling.processors import SamplingConfig
 from gpt2_jax.tokenizers.sentencepiece import SentencePieceTokenizer
-from gpt2_jax.training.config import is_scratch
 from gpt2_jax.training.run_dir import RunDir
 from gpt2_jax.weights import hf_export, hub, peft_export
 from gpt2_jax.weights.loading import LoadedModel, load_model
@@ -180,8 +179,11 @@ def lora_summary(training: dict) -> str | None:
 
 
 def random_start(init: str | None) -> bool:
-    """Whether a run's --init was random weights: scratch:PRESET, or a preset name (no folder of that name)."""
-    return bool(init) and (is_scratch(init) or init in preset_names())
+    """Whether a run's --init was random weights: scratch:PRESET, or (in runs from before a bare `gpt2` meant the
+    released weights) a preset name that is no release."""
+    if not init:
+        return False
+    return is_scratch(init) or (init in preset_names() and ALIASES.get(init, init) not in HF_REPOS)
 
 
 def base_model(init: str | None, config: GPT2Config) -> str | None:

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from gpt2_jax.cli import ArgumentParser
+from gpt2_jax.config import is_scratch
 from gpt2_jax.errors import UsageError
 from gpt2_jax.model.lora import DEFAULT_TARGETS, TARGETS, LoraConfig, parse_targets
 from gpt2_jax.training.tracking import check_trackers
@@ -147,7 +148,6 @@ PER_INVOCATION = frozenset(
     {"run_name", "out", "devices", "sharding", "restore_from", "overwrite", "debug", "no_compile_cache", "distributed",
      "coordinator", "num_processes", "process_id"}
 )  # fmt: skip
-SCRATCH_PREFIX = "scratch:"
 
 # The demo: a small GPT-2 from scratch, nanoGPT's Shakespeare settings for this shape (lr 1e-3 to 1e-4). Its own
 # 4096-piece vocabulary (trained on the corpus in a second) makes a step 2.3x cheaper than GPT-2's 50257-token head.
@@ -161,10 +161,6 @@ DEMO_CPU = dict(DEMO_COMMON, seq_len=128, batch_size=8, steps=200, log_every=10,
                 save_every=50)  # fmt: skip
 DEMO_ACCELERATOR = dict(DEMO_COMMON, seq_len=256, batch_size=16, steps=1000, log_every=50, val_every=250,
                         save_every=500)  # fmt: skip
-
-
-def is_scratch(init: str | None) -> bool:
-    return bool(init) and init.startswith(SCRATCH_PREFIX)
 
 
 def default_learning_rate(init: str | None, lora_rank: int = 0) -> float:

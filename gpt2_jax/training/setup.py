@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from gpt2_jax.config import GPT2Config, get_config
+from gpt2_jax.config import GPT2Config, get_config, is_scratch, scratch_preset
 from gpt2_jax.console import is_primary, note
 from gpt2_jax.data import files as data_files
 from gpt2_jax.data.dataset import TokenDataset, load_dataset
@@ -32,7 +32,7 @@ from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer, load_tokenizer
 from gpt2_jax.tokenizers.sentencepiece import train_sentencepiece
 from gpt2_jax.training.checkpoints import Checkpoints
-from gpt2_jax.training.config import SCRATCH_PREFIX, TrainConfig, is_scratch
+from gpt2_jax.training.config import TrainConfig
 from gpt2_jax.training.distributed import barrier
 from gpt2_jax.training.mesh import check_batch, gib, make_mesh, on_cpu, select_devices
 from gpt2_jax.training.optim import OptimizerConfig
@@ -146,7 +146,7 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
 def build_fresh_model(cfg: TrainConfig, dtype: str, dataset_path: str) -> tuple[GPT2Config, Any, Tokenizer, str]:
     """(config, params, tokenizer, description) from --init: scratch:PRESET or anything load_model reads."""
     if is_scratch(cfg.init):
-        preset = cfg.init[len(SCRATCH_PREFIX) :]
+        preset = scratch_preset(cfg.init)
         if cfg.tokenizer == "sentencepiece":
             with tempfile.TemporaryDirectory() as tmp:
                 tokenizer = train_sentencepiece(_dataset_texts(dataset_path), cfg.vocab_size, tmp)

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import jax
 
-from gpt2_jax.config import DTYPES, PRESETS, GPT2Config, get_config, preset_names
+from gpt2_jax.config import DTYPES, PRESETS, GPT2Config, get_config, is_scratch, preset_names, scratch_preset
 from gpt2_jax.console import note
 from gpt2_jax.errors import UserError
 from gpt2_jax.model.lora import merge
@@ -218,6 +218,11 @@ def load_model(
     if dtype not in DTYPES:  # before reading gigabytes of weights
         raise UserError(f"Unknown compute dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     on_disk = os.path.exists(spec) or os.path.exists(f"{spec}.index")
+    if not on_disk and is_scratch(spec):
+        preset = scratch_preset(str(spec))
+        config = get_config(preset, dtype=dtype)
+        params = init_params(config, seed)
+        return LoadedModel(config, params, load_tokenizer(None), f"{preset} with random weights (seed {seed})")
     if not on_disk and str(spec) in preset_names():
         config = get_config(str(spec), dtype=dtype)
         if PRESETS.get(str(spec)) is None or str(spec) in RELEASED_SIZES:
