@@ -24,6 +24,7 @@ from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.compile_cache import use_compile_cache
 from gpt2_jax.console import warn
 from gpt2_jax.errors import UsageError, UserError
+from gpt2_jax.unicode import repair_decoded
 
 if TYPE_CHECKING:
     from gpt2_jax.sampling.sampler import Sample, Sampler
@@ -85,11 +86,11 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def repaired(text: str, where: str) -> str:
-    """`text` with each byte that was not UTF-8 (a lone surrogate from argv, stdin or a file) as U+FFFD, counted."""
-    bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
+    """`text` with each byte that was not UTF-8 (kept as a lone surrogate from argv, stdin or a file) as U+FFFD,
+    counted."""
+    text, bad = repair_decoded(text)
     if bad:
         warn(f"{bad} invalid UTF-8 byte(s) in {where} were replaced by U+FFFD.")
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return text
 
 

@@ -9,7 +9,8 @@ types are skipped) or a glob (`'data/**/*.txt'`). Formats:
   .bin       raw little-endian uint16 token ids, as nanoGPT's prepare.py writes them (one document)
 
 Readers yield pieces `(starts_document, text or token ids, file bytes accounted for)`. Bytes that are not valid
-UTF-8 become U+FFFD and are counted (`replaced_count`); a UTF-8 byte-order mark at the start of a file is dropped.
+UTF-8 become U+FFFD and are counted (`replaced_count`), as are lone surrogates from JSON escapes (`"\\ud800"`); a
+UTF-8 byte-order mark at the start of a file is dropped.
 Long texts are streamed and cut into pieces only where the tokenizer's output does not change (`cuts_are_exact`),
 so tokenizing the pieces in parallel gives exactly the tokens of the whole document.
 """
@@ -32,6 +33,7 @@ import numpy as np
 
 from gpt2_jax.errors import UserError
 from gpt2_jax.tokenizers.base import Tokenizer
+from gpt2_jax.unicode import repair_json
 
 TEXT_EXTENSIONS = (".txt", ".md")
 TOKEN_EXTENSIONS = (".npy", ".bin")
@@ -173,7 +175,10 @@ def _read_jsonl(path: str, can_cut: bool) -> Iterator[Piece]:
                 raise UserError(f"Line {number} of {path} is not valid JSON; fix or delete it.")
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise UserError(f'Line {number} of {path} has no "text" string; write each line as {{"text": "..."}}.')
-            yield from _cut_document(record["text"], can_cut, len(raw))
+            # A "\ud800" escape is valid JSON but no Unicode: each lone surrogate counts as one replaced byte.
+            text, surrogates = repair_json(record["text"])
+            _replaced.count = getattr(_replaced, "count", 0) + surrogates
+            yield from _cut_document(text, can_cut, len(raw))
 
 
 def _read_csv(path: str, can_cut: bool) -> Iterator[Piece]:

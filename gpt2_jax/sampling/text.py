@@ -12,14 +12,16 @@ from collections.abc import Iterable, Sequence
 
 from gpt2_jax.sampling.generate import STOP_EOT, STOP_STRING
 from gpt2_jax.tokenizers.base import Tokenizer
+from gpt2_jax.unicode import repair_decoded
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """Prompt text to ids: '' means unconditional (just <|endoftext|>); a typed <|endoftext|> is the real token.
 
-    Text that is not valid Unicode (lone surrogates from undecodable bytes in argv or a file) is repaired first.
+    Text that is not valid Unicode (undecodable bytes from argv or a file, lone surrogates) is repaired first; the
+    commands count and report what they repair before it gets here.
     """
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text, _ = repair_decoded(text)
     return tokenizer.encode(text, allow_special=True) if text else [tokenizer.eot_id]
 
 

@@ -16,13 +16,17 @@ import hmac
 import json
 import os
 import time
+import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gpt2_jax.console import warn
 from gpt2_jax.serving import protocol
 from gpt2_jax.serving.choice import Piece
 from gpt2_jax.serving.engine import Closed, Engine, Job, QueueFull
@@ -47,6 +51,7 @@ def create_app(
         engine.close(timeout=5)
 
     app = FastAPI(title="gpt2-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(InternalErrors)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -95,13 +100,63 @@ def create_app(
         seed = int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed
         jobs = submit(engine, req, queue, seed)
         if req.stream:
-            return StreamingResponse(stream(req, jobs, queue, model_name), media_type="text/event-stream")
+            return JobsStream(stream(req, jobs, queue, model_name), jobs)
         try:
             return await collect(request, req, jobs, queue, model_name)
         finally:
             cancel(jobs)
 
     return app
+
+
+class InternalErrors:
+    """The last guard: an exception no handler answered (a bug, a failing device) is logged once, with its cause and
+    traceback, and answered with OpenAI's error object (500), never a dropped connection. A client that left while
+    its body was read is nobody's error: there is no one to answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except ClientDisconnect:
+            return
+        except Exception as e:
+            log_internal_error(f"{scope['method']} {scope['path']}", e)
+            if not started:  # a response under way (a stream) cannot change its status; the stream says it itself
+                error = ApiError(500, f"The server failed on this request ({type(e).__name__}); it was logged.")
+                await JSONResponse(error.body(), status_code=500)(scope, receive, send)
+
+
+def log_internal_error(what: str, error: BaseException) -> None:
+    trace = "".join(traceback.format_exception(error)).rstrip()
+    warn(f"{what} failed inside the server: {type(error).__name__}: {error}\n{trace}")
+
+
+class JobsStream(StreamingResponse):
+    """The server-sent events of a streaming request. However the response ends (finished, failed, or its client
+    gone, even before its first byte, when the events' generator never starts and its own cleanup never runs) its
+    jobs are cancelled, so their rows are freed at the engine's next chunk boundary."""
+
+    def __init__(self, events: AsyncIterator[str], jobs: list[Job]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.jobs = jobs
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            cancel(self.jobs)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -212,5 +267,8 @@ async def stream(req: Completion, jobs: list[Job], queue: asyncio.Queue, model: 
             usage = protocol.usage(sum(map(len, req.prompts)), completion_tokens)
             yield event(protocol.completion_object(id_, model, [], usage))
         yield "data: [DONE]\n\n"
+    except Exception as e:  # the status (200) is sent: say it in the stream, as OpenAI's streams do
+        log_internal_error("a streaming completion", e)
+        yield event(ApiError(500, f"The server failed on this request ({type(e).__name__}); it was logged.").body())
     finally:
         cancel(jobs)  # the client went away (or all is done): free the rows at once

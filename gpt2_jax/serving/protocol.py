@@ -27,6 +27,7 @@ from gpt2_jax.sampling.text import encode_prompt
 from gpt2_jax.serving.choice import Piece
 from gpt2_jax.serving.engine import MAX_TOP_K
 from gpt2_jax.tokenizers.base import Tokenizer
+from gpt2_jax.unicode import repair_json
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 DEFAULT_TOP_K = 40  # the sampler's (sampling.processors.SamplingConfig)
@@ -71,9 +72,7 @@ def _integer(low: int, high: float) -> Callable[[str, Any], int]:
     def check(name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             upper = "" if high == math.inf else f" and at most {high}"
-            raise ApiError(
-                400, f"'{name}' must be a whole number at least {low}{upper}, got {json.dumps(value)}.", name
-            )
+            raise ApiError(400, f"'{name}' must be a whole number at least {low}{upper}, got {_shown(value)}.", name)
         return value
 
     return check
@@ -84,7 +83,7 @@ def _number(low: float, high: float, low_open: bool = False) -> Callable[[str, A
         ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
         if not ok or not (low < value if low_open else low <= value) or value > high:
             where = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-            raise ApiError(400, f"'{name}' must be a number in {where}, got {json.dumps(value)}.", name)
+            raise ApiError(400, f"'{name}' must be a number in {where}, got {_shown(value)}.", name)
         return float(value)
 
     return check
@@ -92,7 +91,7 @@ def _number(low: float, high: float, low_open: bool = False) -> Callable[[str, A
 
 def _boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(value)}.", name)
+        raise ApiError(400, f"'{name}' must be true or false, got {_shown(value)}.", name)
     return value
 
 
@@ -120,7 +119,7 @@ def _stream_options(name: str, value: Any) -> bool:
 
 def _string(name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ApiError(400, f"'{name}' must be a string, got {json.dumps(value)}.", name)
+        raise ApiError(400, f"'{name}' must be a string, got {_shown(value)}.", name)
     return value
 
 
@@ -150,19 +149,10 @@ FIELDS: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
 
 def parse_completion(body: bytes, model_name: str, tokenizer: Tokenizer, max_len: int, n_vocab: int) -> Completion:
     """The request in `body`, checked; `ApiError` (400, 404 for another model) with one sentence if it is bad."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"The request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8.")
-    try:
-        request = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"The request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}).")
-    if not isinstance(request, dict):
-        raise ApiError(400, "The request body must be a JSON object with 'model' and 'prompt'.")
+    request = _json_object(body)
     unknown = sorted(set(request) - set(FIELDS))
     if unknown:
-        raise ApiError(400, f"Unrecognized request argument supplied: {unknown[0]}.", unknown[0])
+        raise ApiError(400, f"Unrecognized request argument supplied: {_cut(unknown[0])}.", _cut(unknown[0]))
     for required in ("model", "prompt"):
         if request.get(required) is None:
             raise ApiError(400, f"The request needs '{required}'.", required)
@@ -171,7 +161,7 @@ def parse_completion(body: bytes, model_name: str, tokenizer: Tokenizer, max_len
         for name, (check, default) in FIELDS.items()
     }
     if values["model"] != model_name:
-        message = f"The model '{values['model']}' does not exist here; this server serves '{model_name}'."
+        message = f"The model '{_cut(values['model'])}' does not exist here; this server serves '{model_name}'."
         raise ApiError(404, message, "model", "model_not_found")
     if values["echo"] and values["logprobs"] is not None:
         raise ApiError(400, "'echo' with 'logprobs' (the prompt's log-probabilities) is not supported.", "echo")
@@ -207,6 +197,59 @@ def _prompts(prompt: Any, tokenizer: Tokenizer, n_vocab: int) -> tuple[list[list
     if bad:
         raise ApiError(400, f"Token id {bad[0]} in 'prompt' is outside the vocabulary of {n_vocab}.", "prompt")
     return ids, [p if isinstance(p, str) else tokenizer.decode(p) for p in prompt]
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, every string in it valid Unicode; any body that is not is a 400, never a 500."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"The request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8.")
+    try:
+        request = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"The request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}).")
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply to read; send a flat JSON object.")
+    except ValueError as e:  # Python's cap on the digits of an integer (4300)
+        raise ApiError(400, f"The request body holds a number this server cannot read ({e}).")
+    if not isinstance(request, dict):
+        raise ApiError(400, "The request body must be a JSON object with 'model' and 'prompt'.")
+    # Keys and the strings the server reads or repeats in a message: a "\ud800" escape is valid JSON, but no
+    # encoder (the tokenizer's, the response's) takes a lone surrogate.
+    request = {repair_json(k)[0]: v for k, v in request.items()}
+    for name in ("model", "user"):
+        if isinstance(request.get(name), str):
+            request[name] = repair_json(request[name])[0]
+    for name in ("prompt", "stop"):
+        request[name] = _repair_strings(request.get(name))
+    return request
+
+
+def _no_constant(name: str) -> float:
+    raise ApiError(400, f"The request body is not valid JSON ({name} is no JSON value; send a number).")
+
+
+def _repair_strings(value: Any) -> Any:
+    """A string, or a list of them, with lone surrogates replaced; anything else as it is (checked later)."""
+    if isinstance(value, str):
+        return repair_json(value)[0]
+    if isinstance(value, list):
+        return [repair_json(v)[0] if isinstance(v, str) else v for v in value]
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A request value as a message quotes it: JSON, cut short (a value can be a megabyte, or nested deep)."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):
+        text = f"a {type(value).__name__}"
+    return _cut(text)
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- responses ---------------------------------------------------------------------------------------------------
