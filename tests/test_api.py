@@ -21,7 +21,7 @@ PUBLIC = [
 ]  # fmt: skip
 # Lower layers first: a module may import from its own layer and the ones before it, never from a later one.
 LAYERS = [
-    {"errors", "console", "io"},
+    {"errors", "console", "io", "unicode"},
     {"config"},
     {"model"},
     {"tokenizers"},

@@ -172,6 +172,8 @@ BAD = {  # name: (body, status, a phrase of the message)
     "echo with logprobs": ({"prompt": "x", "echo": True, "logprobs": 1}, 400, "not supported"),
     "another model": ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
     "body too large": ({"prompt": "x" * 5000}, 413, "larger than"),
+    "nested deeply": (b'{"model": "tiny", "prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400, "nested too deeply"),
+    "NaN": (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, "not valid JSON"),
 }
 
 
@@ -209,6 +211,34 @@ def test_a_client_that_goes_away_mid_stream_frees_its_row(server):
         time.sleep(0.1)
 
 
+def test_a_lone_surrogate_in_the_prompt_is_replaced_not_a_crash(server):
+    """`"\\ud800"` is valid JSON; the tokenizer cannot encode it, so it becomes U+FFFD, as bad bytes do."""
+    content = b'{"model": "tiny", "prompt": "Hello \\ud800 world", "max_tokens": 3, "temperature": 0, "echo": true}'
+    r = httpx.post(f"{server.url}/v1/completions", content=content, headers=auth(), timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("Hello \ufffd world")
+    assert complete(server, prompt="x", max_tokens=1).choices  # and the server lives
+
+
+def test_a_streaming_client_that_leaves_right_after_sending_frees_its_rows(server):
+    """The request is sent whole and the socket closed at once. Its 32 choices (8 rows) must be dropped, not decoded
+    to the end (where none would count as cancelled)."""
+    health = lambda: httpx.get(f"{server.url}/health", timeout=30).json()
+    cancelled = health()["cancelled"]
+    body = json.dumps({"model": "tiny", "prompt": "Go on", "max_tokens": MAX_LEN - 8, "stream": True, "n": 32})
+    host, port = server.url.removeprefix("http://").split(":")
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    )
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(request.encode())
+    deadline = time.monotonic() + 120
+    while (h := health())["active_rows"] or h["waiting"]:
+        assert time.monotonic() < deadline, f"the rows were not freed: {h}"
+        time.sleep(0.1)
+    assert h["cancelled"] - cancelled >= 16  # the 8 seated first might finish on a very slow machine; not 16 more
+
+
 def test_a_port_in_use_is_one_sentence_before_the_model_loads(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -219,6 +249,41 @@ def test_a_port_in_use_is_one_sentence_before_the_model_loads(capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: Cannot listen on 127.0.0.1:{port} (") and err.count("\n") == 1
+
+
+def test_a_stream_whose_client_is_gone_before_its_first_byte_cancels_its_jobs():
+    """In process: the ASGI `receive` says the client left as soon as the body is read, and `send` yields to the
+    event loop (as uvicorn's does while a socket's buffer is full), so the response is cancelled while it sends its
+    headers, before its events' generator ever starts (whose own cleanup then never runs). The jobs must be
+    cancelled all the same; the engine (not started here) would otherwise decode them to max_tokens."""
+    from gpt2_jax.model.decode import decode_weights
+    from gpt2_jax.serving.app import create_app
+    from gpt2_jax.serving.engine import Engine
+    from gpt2_jax.weights.loading import load_model
+
+    model = load_model("scratch:tiny")
+    engine = Engine(decode_weights(model.params, model.config), model.config, model.tokenizer, max_len=MAX_LEN)
+    app = create_app(engine, "tiny")
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 8, "stream": True, "n": 3}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        await asyncio.sleep(0)
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+        "root_path": "", "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert len(engine.waiting) == 3 and all(job.cancelled for job in engine.waiting)
+    assert not [m for m in sent if m.get("body")]  # nothing reached the client
 
 
 def test_a_full_queue_answers_429_with_retry_after():

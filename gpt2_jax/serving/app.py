@@ -5,7 +5,9 @@ Each request's choices become `engine.Job`s; the engine's thread hands their pie
 as it comes (a chunk of decode steps at a time) and ends with `data: [DONE]`; a client that goes away cancels its
 jobs, which frees their rows at the engine's next chunk boundary (a streaming client is noticed at the next send,
 a waiting one within `DISCONNECT_POLL_S`). Limits: the body size (413), the engine's queue (429 with Retry-After),
-an API key when one is set (401; /health stays open for probes). Every error is OpenAI's error object.
+an API key when one is set (401; /health stays open for probes). Every error is OpenAI's error object: a body
+that is no JSON object the server can read (bad bytes, deep nesting, NaN) is a 400 (protocol.py), and an exception
+nothing else answered is logged once and answered as a 500 (`InternalErrors`), so no request drops a connection.
 """
 
 from __future__ import annotations
@@ -134,7 +136,9 @@ class InternalErrors:
         except Exception as e:
             log_internal_error(f"{scope['method']} {scope['path']}", e)
             if not started:  # a response under way (a stream) cannot change its status; the stream says it itself
-                error = ApiError(500, f"The server failed on this request ({type(e).__name__}); it was logged.")
+                error = ApiError(
+                    500, f"The server failed on this request ({type(e).__name__}); it was logged.", type="server_error"
+                )
                 await JSONResponse(error.body(), status_code=500)(scope, receive, send)
 
 
@@ -269,6 +273,10 @@ async def stream(req: Completion, jobs: list[Job], queue: asyncio.Queue, model: 
         yield "data: [DONE]\n\n"
     except Exception as e:  # the status (200) is sent: say it in the stream, as OpenAI's streams do
         log_internal_error("a streaming completion", e)
-        yield event(ApiError(500, f"The server failed on this request ({type(e).__name__}); it was logged.").body())
+        yield event(
+            ApiError(
+                500, f"The server failed on this request ({type(e).__name__}); it was logged.", type="server_error"
+            ).body()
+        )
     finally:
         cancel(jobs)  # the client went away (or all is done): free the rows at once
