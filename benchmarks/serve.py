@@ -143,7 +143,8 @@ def run(
     """Start the server, measure each concurrency in turn (after one warm request), stop it; the points."""
     config = get_config(preset)
     max_len = cache_slots(seq + new_tokens, config.n_ctx)
-    flags = ["--model", preset, "--max_batch", str(max_batch), "--max_len", str(max_len), "--dtype", dtype]
+    flags = ["--model", f"scratch:{preset}", "--model_name", preset, "--max_batch", str(max_batch)]
+    flags += ["--max_len", str(max_len), "--dtype", dtype]
     flags += ["--chunk", str(chunk)] if chunk else []
     base = dict(job="serve", preset=preset, n_layer=config.n_layer, n_embd=config.n_embd, dtype=dtype, seq=seq)
     base |= dict(new_tokens=new_tokens, max_batch=max_batch, chunk=chunk, max_len=max_len)

@@ -11,7 +11,9 @@ The names load on first use, so `python -m gpt2_jax.download` starts without imp
 The map, lower layers first: a module imports from its own layer and the ones before it, never from a later one
 (tests/test_api.py checks this and that no imports form a cycle).
 
+dependencies.py  a Python without the requirements (or too old) gets one sentence, checked first of all
 errors.py console.py io.py  one-sentence user errors, note/warning lines on stderr, crash-safe file writes
+hints.py unicode.py  commands named in hints as the user can type them; text that is not valid Unicode, repaired
 config.py    `GPT2Config`: the architecture and compute dtype, with presets (124M ... 1558M, mini, tiny)
 model/       the training forward (`GPT2`, `init_params`), the parameter table, the cached decode forward, FLOPs
 tokenizers/  GPT-2's BPE and SentencePiece behind one `Tokenizer` protocol; `load_tokenizer`
@@ -29,8 +31,12 @@ corpus/      (in the wheel only) the bundled Shakespeare corpus, the repository'
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from gpt2_jax import dependencies
+
+dependencies.check()  # before anything imports JAX: a Python without it gets one sentence, not a traceback
+
+import importlib  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 __version__ = "0.1.0"
 

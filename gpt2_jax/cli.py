@@ -16,28 +16,9 @@ from typing import NoReturn
 
 from gpt2_jax.errors import UsageError, UserError
 
-# Set by `gpt2-jax NAME` (commands.py): the name the user typed, so usage lines and "see ... --help" hints name
-# `gpt2-jax train` rather than a script a wheel user does not have.
-invoked_as: str | None = None
-
-
-def command_for(name: str) -> str:
-    """How the user would run command `name` the way they ran this one: `gpt2-jax sample`, `python -m
-    gpt2_jax.sample`, or the checkout's `python sample.py` (for hints such as the end of a training run)."""
-    if invoked_as is not None:
-        return f"gpt2-jax {name}"
-    if os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0]))) == "gpt2_jax":  # python -m gpt2_jax.NAME
-        return f"python -m gpt2_jax.{name}"
-    return f"python {name}.py"
-
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad command line raises `UsageError`: one sentence pointing at --help, exit code 2."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if invoked_as is not None:
-            self.prog = invoked_as
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}; see {self.prog} --help.")

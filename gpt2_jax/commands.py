@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gpt2_jax import __version__, cli
+from gpt2_jax import __version__, hints
 from gpt2_jax.cli import run_cli
 from gpt2_jax.errors import UsageError, UserError
 
@@ -69,11 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] not in COMMANDS:
         raise UsageError(f"gpt2-jax has no command {args[0]!r}; choose one of {', '.join(COMMANDS)} (gpt2-jax --help).")
     command = command_main(args[0])
-    cli.invoked_as = f"gpt2-jax {args[0]}"
+    hints.invoked_as = f"gpt2-jax {args[0]}"
     try:
         return command(args[1:]) or 0
     finally:
-        cli.invoked_as = None
+        hints.invoked_as = None
 
 
 def run() -> None:

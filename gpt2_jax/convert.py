@@ -31,8 +31,8 @@ from safetensors import SafetensorError
 from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import ALIASES, DTYPES, PRESETS, GPT2Config, is_scratch, preset_names
 from gpt2_jax.console import note
-from gpt2_jax.download import HF_REPOS
 from gpt2_jax.errors import UsageError, UserError, short_reason
+from gpt2_jax.hints import command_for
 from gpt2_jax.io import atomic_directory
 from gpt2_jax.model.lora import adapter_count
 from gpt2_jax.model.params import count_params
@@ -43,6 +43,7 @@ from gpt2_jax.weights import hf_export, hub, peft_export
 from gpt2_jax.weights.loading import LoadedModel, load_model
 from gpt2_jax.weights.native import save_native_model
 from gpt2_jax.weights.openai import write_openai_checkpoint
+from gpt2_jax.weights.releases import HF_NAMES
 from gpt2_jax.weights.safetensors_io import write_safetensors_model
 
 TARGETS = ("native", "hf", "openai", "peft")
@@ -52,10 +53,10 @@ WRITE_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python -m gpt2_jax.convert",
+        prog=command_for("convert"),
         description="Convert GPT-2 weights (OpenAI, gpt-2-simple, Hugging Face, gpt2-jax model or training run).",
     )
-    parser.add_argument("src", help="model path (any format sample.py --model accepts) or a preset name")
+    parser.add_argument("src", help="a model as sample.py takes it (a path, gpt2/124M/..., a Hub id, scratch:NAME)")
     parser.add_argument("out", help="output directory (created; must be empty unless --force)")
     parser.add_argument("--to", choices=TARGETS, default="native", help="output format (default: %(default)s)")
     parser.add_argument(
@@ -183,7 +184,7 @@ def random_start(init: str | None) -> bool:
     released weights) a preset name that is no release."""
     if not init:
         return False
-    return is_scratch(init) or (init in preset_names() and ALIASES.get(init, init) not in HF_REPOS)
+    return is_scratch(init) or (init in preset_names() and ALIASES.get(init, init) not in HF_NAMES)
 
 
 def base_model(init: str | None, config: GPT2Config) -> str | None:
@@ -192,8 +193,8 @@ def base_model(init: str | None, config: GPT2Config) -> str | None:
     if not init or random_start(init):
         return None
     release = ALIASES.get(Path(init).name, Path(init).name)
-    if release in HF_REPOS and PRESETS[release].to_hparams() == config.to_hparams():
-        return f"openai-community/{HF_REPOS[release]}"
+    if release in HF_NAMES and PRESETS[release].to_hparams() == config.to_hparams():
+        return f"openai-community/{HF_NAMES[release]}"
     if hub.is_hub_id(init) and not Path(init).exists():
         return init
     return None

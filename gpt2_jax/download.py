@@ -27,9 +27,11 @@ from tqdm import tqdm
 from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import ALIASES
 from gpt2_jax.errors import UsageError, UserError
+from gpt2_jax.hints import command_for
 from gpt2_jax.io import atomic_write_bytes
 from gpt2_jax.tokenizers.gpt2_bpe import PACKAGED_GPT2_DIR
 from gpt2_jax.weights import hub
+from gpt2_jax.weights.releases import HF_NAMES
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 OPENAI_FILES = (
@@ -42,7 +44,6 @@ OPENAI_FILES = (
     "vocab.bpe",
 )
 HF_FILES = ("config.json", "model.safetensors")
-HF_REPOS = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
 CHUNK = 1 << 20
 TIMEOUT_S = 60
 
@@ -50,7 +51,7 @@ TIMEOUT_S = 60
 def model_name(name: str) -> str:
     """OpenAI's current name for a release (`117M` -> `124M`, `345M` -> `355M`; HF names accepted too)."""
     canonical = ALIASES.get(name, name)
-    if canonical not in HF_REPOS:
+    if canonical not in HF_NAMES:
         raise UsageError(f"Unknown GPT-2 release {name!r}; choose one of 124M, 355M, 774M, 1558M (or 117M, 345M).")
     return canonical
 
@@ -136,7 +137,7 @@ def download(name: str, *, source: str = "openai", base_url: str | None = None, 
     """Download a GPT-2 release into `models_dir` and return its directory; complete files are not fetched again."""
     name = model_name(name)
     mirror = (base_url or os.environ.get("GPT2_JAX_BASE_URL") or "").rstrip("/") or None
-    directory = Path(models_dir) / (name if source == "openai" else HF_REPOS[name])
+    directory = Path(models_dir) / (name if source == "openai" else HF_NAMES[name])
     directory.mkdir(parents=True, exist_ok=True)
     for file in OPENAI_FILES if source == "openai" else HF_FILES:
         if (directory / file).is_file():
@@ -144,7 +145,7 @@ def download(name: str, *, source: str = "openai", base_url: str | None = None, 
         elif source == "openai":
             download_file(f"{mirror or OPENAI_BASE_URL}/{name}/{file}", directory / file)
         else:
-            hub.fetch(f"openai-community/{HF_REPOS[name]}", [file], directory, endpoint=mirror)
+            hub.fetch(f"openai-community/{HF_NAMES[name]}", [file], directory, endpoint=mirror)
     if source != "openai":  # the hub's tokenizer files differ in name only: ship the packaged GPT-2 vocabulary
         for file in ("encoder.json", "vocab.bpe"):
             atomic_write_bytes(directory / file, (PACKAGED_GPT2_DIR / file).read_bytes())
@@ -152,7 +153,7 @@ def download(name: str, *, source: str = "openai", base_url: str | None = None, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m gpt2_jax.download", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=command_for("download"), description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="124M, 355M, 774M or 1558M (old names 117M, 345M accepted)")
     parser.add_argument("--source", choices=("openai", "huggingface"), default="openai")
     parser.add_argument(
@@ -162,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     directory = download(args.model, source=args.source, base_url=args.base_url, models_dir=args.models_dir)
-    print(f"{args.model} is in {directory}; try: python sample.py --model {directory}")
+    print(f"{args.model} is in {directory}; try: {command_for('sample')} --model {directory}")
     return 0
 
 

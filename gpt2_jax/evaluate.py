@@ -33,6 +33,7 @@ from gpt2_jax.console import note
 from gpt2_jax.data.dataset import read_token_stream
 from gpt2_jax.data.files import find_dataset_files
 from gpt2_jax.errors import UsageError, UserError
+from gpt2_jax.hints import command_for
 from gpt2_jax.training.step import token_losses
 from gpt2_jax.weights.loading import load_model
 
@@ -84,8 +85,10 @@ def evaluate(params, config: GPT2Config, tokens: np.ndarray, *, batch_size: int 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m gpt2_jax.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model path (any format) or preset name")
+    parser = ArgumentParser(prog=command_for("evaluate"), description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", required=True, help="a model as sample.py takes it (a path, gpt2/124M/..., a Hub id, scratch:NAME)"
+    )
     parser.add_argument(
         "--data", required=True, help="dataset: a file, folder or glob of .txt/.md, .jsonl, .csv, .npy or .bin files"
     )

@@ -2,7 +2,7 @@
 
     python sample.py --model models/124M --prompt "Hello, I'm a language model,"   # conditional
     python sample.py --model runs/run1 --interactive                                # OpenAI's `Model prompt >>>` loop
-    python sample.py --model tiny --nsamples 4 --format jsonl                       # unconditional, JSON lines
+    python sample.py --model gpt2 --nsamples 4 --format jsonl                       # unconditional, JSON lines
 
 Output follows OpenAI's scripts: a `==== SAMPLE n ====` header before each sample (and a line of 80 '=' after a
 prompt's samples), or `--format jsonl` with one object per sample. The flags are checked and the prompt read
@@ -24,6 +24,7 @@ from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.compile_cache import use_compile_cache
 from gpt2_jax.console import warn
 from gpt2_jax.errors import UsageError, UserError
+from gpt2_jax.hints import command_for
 from gpt2_jax.unicode import repair_decoded
 
 if TYPE_CHECKING:
@@ -34,11 +35,12 @@ PROMPT = "Model prompt >>> "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python sample.py", description="Sample text from a GPT-2 model.", allow_abbrev=False)
+    p = ArgumentParser(prog=command_for("sample"), description="Sample text from a GPT-2 model.", allow_abbrev=False)
     p.add_argument(
         "--model",
         default=None,
-        help=f"a model path of any supported format or a preset name for random weights (default: {DEFAULT_MODEL})",
+        help="a model: a path of any supported format, a released GPT-2's name (gpt2, 124M, ...), a Hugging Face Hub "
+        f"id, or scratch:NAME for random weights (default: {DEFAULT_MODEL})",
     )
     p.add_argument("--prompt", default=None, help="text to continue (default: unconditional, from <|endoftext|>)")
     p.add_argument("--prompt_file", default=None, help="read the prompt from this file (UTF-8)")
@@ -140,7 +142,7 @@ def load_sampler(model: str | None, dtype: str | None) -> Sampler:
     from gpt2_jax.weights.loading import load_model
 
     if model is None and not os.path.isdir(DEFAULT_MODEL):
-        raise UserError(f"No {DEFAULT_MODEL}; download it (python -m gpt2_jax.download 124M) or pass --model.")
+        raise UserError(f"No {DEFAULT_MODEL}; download it (`{command_for('download')} 124M`) or pass --model.")
     return Sampler.from_model(load_model(model or DEFAULT_MODEL, dtype=dtype))
 
 

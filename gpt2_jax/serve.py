@@ -23,15 +23,19 @@ from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.compile_cache import use_compile_cache
 from gpt2_jax.console import note
 from gpt2_jax.errors import UsageError, UserError
+from gpt2_jax.hints import command_for
 
 API_KEY_ENV = "GPT2_JAX_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="python -m gpt2_jax.serve", description="Serve a GPT-2 model over OpenAI's completions API."
+    p = ArgumentParser(prog=command_for("serve"), description="Serve a GPT-2 model over OpenAI's completions API.")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a model path of any format, a released GPT-2 (gpt2, 124M, ...), a Hub id, or scratch:NAME (random "
+        "weights)",
     )
-    p.add_argument("--model", required=True, help="a model path of any supported format, or a preset (random weights)")
     p.add_argument("--model_name", help="the model id clients send (default: the --model folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for every network)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")

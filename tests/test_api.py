@@ -21,7 +21,7 @@ PUBLIC = [
 ]  # fmt: skip
 # Lower layers first: a module may import from its own layer and the ones before it, never from a later one.
 LAYERS = [
-    {"errors", "console", "io", "unicode"},
+    {"dependencies", "errors", "console", "io", "hints", "unicode"},
     {"config"},
     {"model"},
     {"tokenizers"},
@@ -43,9 +43,9 @@ def readme_example() -> str:
 def test_readme_example_prints_what_generate_text_gives(capsys):
     code = readme_example()
     assert 'load_model("models/124M")' in code
-    exec(compile(code.replace('"models/124M"', '"tiny"'), "README.md", "exec"), {})  # tiny: random weights
+    exec(compile(code.replace('"models/124M"', '"scratch:tiny"'), "README.md", "exec"), {})  # tiny: random weights
     printed = capsys.readouterr().out
-    model = gpt2_jax.load_model("tiny")
+    model = gpt2_jax.load_model("scratch:tiny")
     # The README's prompt and settings, through the one-call function.
     texts = gpt2_jax.generate_text(
         model.params, model.config, model.tokenizer, ["The meaning of life is"], nsamples_per_prompt=2, length=40
@@ -54,7 +54,7 @@ def test_readme_example_prints_what_generate_text_gives(capsys):
 
 
 def test_a_lone_string_is_one_prompt():
-    sampler = gpt2_jax.Sampler.from_model(gpt2_jax.load_model("tiny"))
+    sampler = gpt2_jax.Sampler.from_model(gpt2_jax.load_model("scratch:tiny"))
     texts = sampler.generate(["Hi"], nsamples=2, length=5, seed=3)
     assert len(texts) == 1 and len(texts[0]) == 2
     assert sampler.generate("Hi", nsamples=2, length=5, seed=3) == texts

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_jax import cli as cli_module
-from gpt2_jax import commands
+from gpt2_jax import commands, hints
 from gpt2_jax.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,15 +58,18 @@ def test_each_command_is_its_script(name):
 
     script, command = run(*SCRIPTS[name], "--help"), run("-m", "gpt2_jax", name, "--help")
     assert script.returncode == command.returncode == 0, command.stderr
-    # The same flags and texts; the usage line names what the user typed (`gpt2-jax train`, not `train.py`).
-    assert command.stdout.split("\n\n", 1)[1] == script.stdout.split("\n\n", 1)[1] and "--debug" in command.stdout
+    # The same flags and texts; the usage line (and any command a text names) is what the user typed, so it runs
+    # as printed: `python -m gpt2_jax train` here (an installed `gpt2-jax train` names itself: test_hints_...).
+    same = lambda text: text.split("\n\n", 1)[1].replace(" -m gpt2_jax download", " -m gpt2_jax.download")
+    assert same(command.stdout) == same(script.stdout) and "--debug" in command.stdout
     prog = script.stdout.removeprefix("usage: ").split(" [-h]")[0]
-    assert command.stdout.startswith(f"usage: gpt2-jax {name} [-h]")
+    typed = command.stdout.removeprefix("usage: ").split(" [-h]")[0]
+    assert typed.endswith(f" -m gpt2_jax {name}") and typed.split()[0] == prog.split()[0]  # the same interpreter
     # A bad flag: the same sentence and exit code either way, pointing at the --help of what was typed.
     script, command = run(*SCRIPTS[name], "--no_such_flag"), run("-m", "gpt2_jax", name, "--no_such_flag")
     assert command.returncode == script.returncode == 2
     assert command.stderr.startswith("error: ")
-    assert command.stderr == script.stderr.replace(f"see {prog} --help", f"see gpt2-jax {name} --help")
+    assert command.stderr == script.stderr.replace(f"see {prog} --help", f"see {typed} --help")
 
 
 def test_every_command_module_has_a_main():
@@ -87,10 +89,15 @@ def test_the_root_scripts_are_shims():
 def test_hints_name_commands_the_way_the_user_ran_this_one(monkeypatch):
     """The end of a training run says how to sample: as `gpt2-jax sample`, `python -m gpt2_jax.sample` or the
     checkout's `python sample.py`, whichever way the user started it."""
-    monkeypatch.setattr(cli_module, "invoked_as", None)
-    monkeypatch.setattr(sys, "argv", ["train.py"])
-    assert cli_module.command_for("sample") == "python sample.py"
+    monkeypatch.setattr(hints, "invoked_as", None)
+    monkeypatch.setattr(hints, "python", lambda: "python")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py")])
+    assert hints.command_for("sample") == "python sample.py"
+    assert hints.command_for("download") == "python -m gpt2_jax.download"
+    monkeypatch.chdir(ROOT / "tests")
+    assert hints.command_for("sample") == "python ../sample.py"  # run from another folder: the script's path
     monkeypatch.setattr(sys, "argv", [str(Path(commands.__file__).with_name("train.py"))])
-    assert cli_module.command_for("sample") == "python -m gpt2_jax.sample"
-    monkeypatch.setattr(cli_module, "invoked_as", "gpt2-jax train")
-    assert cli_module.command_for("sample") == "gpt2-jax sample"
+    assert hints.command_for("sample") == "python -m gpt2_jax.sample"
+    monkeypatch.setattr(hints, "invoked_as", "gpt2-jax train")
+    assert hints.command_for("sample") == "gpt2-jax sample"

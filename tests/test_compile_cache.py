@@ -31,7 +31,7 @@ def entries(cache: Path) -> list[str]:
 
 def test_sample_reuses_its_compiled_functions_and_prints_the_same(tmp_path):
     cache = tmp_path / "cache"
-    flags = ["--model", "tiny", "--length", "12", "--seed", "5", "--nsamples", "2"]
+    flags = ["--model", "scratch:tiny", "--length", "12", "--seed", "5", "--nsamples", "2"]
     first = run("sample.py", flags, cache, tmp_path)
     decode = ("jit_prefill_and_sample", "jit_decode_chunk")  # the sampler's two compiled functions
     assert all(any(entry.startswith(f"{name}-") for entry in entries(cache)) for name in decode)

@@ -59,10 +59,10 @@ def test_dropout_changes_the_loss_deterministically_and_only_in_training(params,
 
 def test_dropout_flags_are_checked():
     with pytest.raises(UsageError, match="--dropout must be at least 0 and below 1"):
-        resolve({"init": "tiny", "dropout": 1.0})
+        resolve({"init": "scratch:tiny", "dropout": 1.0})
     with pytest.raises(UsageError, match="--lora_dropout"):
-        resolve({"init": "tiny", "lora_rank": 4, "lora_dropout": -0.1})
-    assert resolve({"init": "tiny", "dropout": 0.1}).dropout == 0.1
+        resolve({"init": "scratch:tiny", "lora_rank": 4, "lora_dropout": -0.1})
+    assert resolve({"init": "scratch:tiny", "dropout": 0.1}).dropout == 0.1
 
 
 def test_attention_dropout_path_is_the_fused_paths_math():

@@ -157,11 +157,15 @@ def test_command_prints_json_with_the_same_numbers(text_file, result, model_dir)
     ("args", "code", "message"),
     [
         (["--model", str(FIXTURE / "hf")], 1, r"ids up to \d+ but .* has only 1000 tokens; put the model's own"),
-        (["--model", "tiny", "--batch_size", "0"], 2, "--batch_size must be positive"),
+        (["--model", "scratch:tiny", "--batch_size", "0"], 2, "--batch_size must be positive"),
         (["--model", "no/such/model"], 1, "No model at no/such/model"),
         # --data is checked before the model is read
         (["--model", "no/such/model", "--data", "no/such/data.txt"], 1, "Dataset path no/such/data.txt does not exist"),
-        (["--model", "tiny", "--data", str(REPO / "pyproject.toml")], 1, r"pyproject.toml has an extension this"),
+        (
+            ["--model", "scratch:tiny", "--data", str(REPO / "pyproject.toml")],
+            1,
+            r"pyproject.toml has an extension this",
+        ),
     ],
 )
 def test_bad_input_is_one_sentence(text_file, capsys, args, code, message):

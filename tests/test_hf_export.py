@@ -29,12 +29,12 @@ TRICKY = "Hello world,  it's\tme!\n\n  ünïcödé 😀 <|endoftext|> done "
 def exported(tmp_path_factory) -> Path:
     """The `tiny` preset (random weights, seed 0) exported as `tiny-gpt2`."""
     out = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    assert convert.main(["tiny", str(out), "--to", "hf"]) == 0
+    assert convert.main(["scratch:tiny", str(out), "--to", "hf"]) == 0
     return out
 
 
 def test_pipeline_greedy_tokens_equal_the_samplers(exported):
-    model = load_model("tiny")  # the same weights: the preset's seed 0
+    model = load_model("scratch:tiny")  # the same weights: the preset's seed 0
     prompt = "The meaning of life is"
     ours = next(Sampler.from_model(model).samples(prompt, length=20, sampling=SamplingConfig(temperature=0)))
     assert ours.stop_reason == "length"
@@ -91,7 +91,7 @@ def _fake_run(run: Path, params, config, tokenizer) -> None:
 
 
 def test_a_runs_card_names_its_base_model_data_steps_and_validation_loss(tmp_path):
-    model = load_model("tiny")
+    model = load_model("scratch:tiny")
     _fake_run(tmp_path / "run", model.params, model.config, model.tokenizer)
     assert convert.main([str(tmp_path / "run"), str(tmp_path / "out"), "--to", "hf"]) == 0
     card = ModelCard.load(tmp_path / "out" / "README.md")

@@ -22,6 +22,7 @@ import pytest
 from hub_server import HubServer
 
 from gpt2_jax import convert
+from gpt2_jax.errors import UserError
 from gpt2_jax.sampling.sampler import Sampler
 from gpt2_jax.weights.hub import is_hub_id
 from gpt2_jax.weights.loading import load_model
@@ -47,7 +48,7 @@ for spec in sys.argv[1:]:
 def exported(tmp_path_factory) -> Path:
     """The `tiny` preset exported with `convert --to hf`, as a user would push it to the Hub."""
     out = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    assert convert.main(["tiny", str(out), "--to", "hf"]) == 0
+    assert convert.main(["scratch:tiny", str(out), "--to", "hf"]) == 0
     return out
 
 
@@ -128,6 +129,8 @@ def test_local_paths_and_presets_keep_priority_over_the_hub(tmp_path, monkeypatc
     shutil.copytree(FIXTURE / "hf", tmp_path / "someone" / "tiny-gpt2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were the Hub asked, this would fail
     assert load_model(REPO).source == f"Hugging Face safetensors {REPO}"
-    assert load_model("tiny").source.startswith("preset tiny")
+    assert load_model("scratch:tiny").source.startswith("tiny with random weights")
+    with pytest.raises(UserError, match="names OpenAI's released GPT-2 124M"):
+        load_model("gpt2")  # a release's name: its weights in models/ or the cache, never random, never fetched
     assert all(map(is_hub_id, ["gpt2", "openai-community/gpt2-medium", "user/name", "distilgpt2", "a.b_c-d/e1"]))
     assert not any(map(is_hub_id, ["./x", "/abs/model", "runs/a/b", "runs/", "x--y", "a..b", "-x", "x.", ""]))

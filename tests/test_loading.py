@@ -171,7 +171,7 @@ def test_native_model_and_training_run_directories(tmp_path, capsys):
 
 
 def test_preset_gives_random_weights_and_the_gpt2_tokenizer():
-    model = load_model("tiny", seed=3, dtype="bfloat16")
+    model = load_model("scratch:tiny", seed=3, dtype="bfloat16")
     assert model.source == "preset tiny (random weights, seed 3)" and model.tokenizer.n_vocab == 50257
     assert model.config.dtype == "bfloat16" and model.params["wte"].dtype == np.float32
     assert model.params["wte"].shape == (50257, 64) and 0.015 < float(np.std(model.params["wte"])) < 0.025

@@ -85,7 +85,18 @@ def test_lora_run_over_two_processes_trains_like_one(corpus, tmp_path):
     from gpt2_jax.weights.loading import load_model
 
     # The preset's random weights as the base (a later --init overrides train_args' scratch:tiny).
-    lora = ["--init", "tiny", "--lora_rank", "4", "--lora_targets", "all", "--dropout", "0.1", "--lora_dropout", "0.1"]
+    lora = [
+        "--init",
+        "scratch:tiny",
+        "--lora_rank",
+        "4",
+        "--lora_targets",
+        "all",
+        "--dropout",
+        "0.1",
+        "--lora_dropout",
+        "0.1",
+    ]
     a, b = tmp_path / "a", tmp_path / "b"
     run_one([*train_args(corpus, a, 4), *lora], devices=4)
     results = run_processes([*train_args(corpus, b, 4), *lora, "--sharding", "fsdp", "--sample_num", "1",

@@ -109,7 +109,16 @@ def processes(tmp_path_factory, corpus) -> dict[str, tuple[int, str, str]]:
     tmp = tmp_path_factory.mktemp("commands")
     (tmp / "tokens.npz").write_bytes(b"PK\x03\x04 not text")
     commands = {
-        "sample_garbage_interactive": ["sample.py", "--model", "tiny", "--seed", "3", "--length", "4", "--interactive"],
+        "sample_garbage_interactive": [
+            "sample.py",
+            "--model",
+            "scratch:tiny",
+            "--seed",
+            "3",
+            "--length",
+            "4",
+            "--interactive",
+        ],
         "train_batch_vs_devices": [
             "train.py",
             "--out",
@@ -123,7 +132,7 @@ def processes(tmp_path_factory, corpus) -> dict[str, tuple[int, str, str]]:
         ],
         "train_unparsable_flag": ["train.py", "--steps", "abc"],
         "convert_bad_flag": ["-m", "gpt2_jax.convert", FIXTURE / "hf", tmp / "out", "--to", "onnx"],
-        "evaluate_unknown_format": ["-m", "gpt2_jax.evaluate", "--model", "tiny", "--data", tmp / "tokens.npz"],
+        "evaluate_unknown_format": ["-m", "gpt2_jax.evaluate", "--model", "scratch:tiny", "--data", tmp / "tokens.npz"],
         "download_bad_flag": ["-m", "gpt2_jax.download", "124M", "--source", "ftp"],
         "download_debug": ["-m", "gpt2_jax.download", "999M", "--debug"],
         "benchmarks_bad_flag": ["-m", "benchmarks", "--batch", "x"],
@@ -282,7 +291,7 @@ def test_evaluate_checks_its_data_before_reading_the_model(bad_inputs, capsys):
 @pytest.mark.parametrize("to", ["native", "hf", "openai"])
 def test_convert_onto_a_full_disk_is_one_sentence_and_leaves_nothing(to, tmp_path, capsys):
     with file_size_limit(400_000):  # below tiny's 12.9 MB embedding
-        returncode, out, err = run_in_process(convert.main, ["tiny", tmp_path / "out", "--to", to], capsys)
+        returncode, out, err = run_in_process(convert.main, ["scratch:tiny", tmp_path / "out", "--to", to], capsys)
     assert returncode == 1 and out == ""
     assert_one_error(err, r"Could not write .*out \(File too large\); nothing was written there: free disk space")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither OUT nor its temporary directory
@@ -292,7 +301,7 @@ FULL_DISK_CONVERT = """
 import resource, runpy, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, resource.RLIM_INFINITY))
-sys.argv = ["convert", "tiny", sys.argv[1], "--to", "native"]
+sys.argv = ["convert", "scratch:tiny", sys.argv[1], "--to", "native"]
 runpy.run_module("gpt2_jax.convert", run_name="__main__")
 """
 
@@ -435,7 +444,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_every_model_reader(trained, t
 
 
 def test_a_converted_model_with_overwritten_bytes_is_refused(tmp_path, capsys):
-    assert run_in_process(convert.main, ["tiny", tmp_path / "native"], capsys)[0] == 0
+    assert run_in_process(convert.main, ["scratch:tiny", tmp_path / "native"], capsys)[0] == 0
     assert load_model(tmp_path / "native").config.n_embd == 64  # intact: its checksums agree
     damage(tmp_path / "native", "overwritten")
     with pytest.raises(UserError, match=r"native is damaged: params/.* does not match the checksum saved with it"):

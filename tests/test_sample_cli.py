@@ -20,7 +20,7 @@ from gpt2_jax.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ["--model", "tiny", "--seed", "7", "--length", "9"]
+TINY = ["--model", "scratch:tiny", "--seed", "7", "--length", "9"]
 HEADER = "=" * 40 + " SAMPLE {} " + "=" * 40
 BAD_FLAGS = {
     "top_p_zero": ["--top_p", "0"],

@@ -35,7 +35,19 @@ class Server:
     """`python -m gpt2_jax.serve` in a subprocess; `url` once it listens."""
 
     def __init__(self, *flags: str) -> None:
-        args = ["--model", "tiny", "--port", "0", "--max_len", str(MAX_LEN), "--api_key", KEY, *flags]
+        args = [
+            "--model",
+            "scratch:tiny",
+            "--model_name",
+            "tiny",
+            "--port",
+            "0",
+            "--max_len",
+            str(MAX_LEN),
+            "--api_key",
+            KEY,
+            *flags,
+        ]
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         command = [sys.executable, "-m", "gpt2_jax.serve", *args]
         self.proc = subprocess.Popen(
@@ -98,7 +110,7 @@ def test_readme_example_runs_against_the_server(server, capsys):
 
 def test_greedy_is_sample_py_at_temperature_0_token_for_token(server, capsys):
     prompt = "Hello, I'm a language model,"
-    flags = ["--model", "tiny", "--prompt", prompt, "--temperature", "0", "--length", "30", "--format", "jsonl"]
+    flags = ["--model", "scratch:tiny", "--prompt", prompt, "--temperature", "0", "--length", "30", "--format", "jsonl"]
     assert sample.main([*flags, "--seed", "0"]) == 0
     expected = json.loads(capsys.readouterr().out)
     reply = complete(server, prompt=prompt, max_tokens=30, temperature=0, logprobs=0)
@@ -106,7 +118,7 @@ def test_greedy_is_sample_py_at_temperature_0_token_for_token(server, capsys):
     assert choice.text == expected["text"] and choice.finish_reason == "length"
     assert len(choice.logprobs.tokens) == len(expected["tokens"]) == reply.usage.completion_tokens == 30
     assert "".join(choice.logprobs.tokens) == choice.text and all(lp <= 0 for lp in choice.logprobs.token_logprobs)
-    assert reply.usage.prompt_tokens == len(sample.load_sampler("tiny", None).tokenizer.encode(prompt))
+    assert reply.usage.prompt_tokens == len(sample.load_sampler("scratch:tiny", None).tokenizer.encode(prompt))
 
 
 def test_streaming_sends_the_same_text_in_pieces_and_ends_with_done(server):
@@ -294,7 +306,7 @@ def test_a_full_queue_answers_429_with_retry_after():
     from gpt2_jax.serving.rows import Settings
     from gpt2_jax.weights.loading import load_model
 
-    model = load_model("tiny")
+    model = load_model("scratch:tiny")
     engine = Engine(decode_weights(model.params, model.config), model.config, model.tokenizer, max_queue=2)
     engine.submit([Job([1], Settings(1, 1.0, 40, 1.0, 0, 0), (), lambda piece: None)])
     app = create_app(engine, "tiny")
@@ -342,5 +354,5 @@ def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits_0():
 
 def complete_sample_text(prompt: str, length: int) -> str:
     """The greedy text sample.py's Python API gives, to check the drained request's text whole."""
-    sampler = sample.load_sampler("tiny", None)
+    sampler = sample.load_sampler("scratch:tiny", None)
     return sampler.generate([prompt], length=length, temperature=0)[0][0]

@@ -19,6 +19,7 @@ from typing import Any
 from gpt2_jax.cli import ArgumentParser
 from gpt2_jax.config import is_scratch
 from gpt2_jax.errors import UsageError
+from gpt2_jax.hints import command_for
 from gpt2_jax.model.lora import DEFAULT_TARGETS, TARGETS, LoraConfig, parse_targets
 from gpt2_jax.training.tracking import check_trackers
 
@@ -43,8 +44,8 @@ class TrainConfig:
     # --- model
     init: str | None = _opt(
         None,
-        "weights to start from: any model path sample.py accepts, a preset name (random weights), or "
-        "scratch:PRESET to train from scratch",
+        "weights to start from: any model sample.py accepts (a path, gpt2/124M/..., a Hub id), or "
+        "scratch:NAME (tiny, mini, 124M, ...) to train from random weights",
         type=str,
         shown="models/124M when present, else the demo (scratch:mini)",
     )
@@ -173,9 +174,9 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     """One flag per TrainConfig field; every default is None so `explicit_flags` can tell what was given."""
     parser = ArgumentParser(
-        prog="train.py",
+        prog=command_for("train"),
         description=description,
-        epilog=EPILOG,
+        epilog=EPILOG.format(download=command_for("download")),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for field in dataclasses.fields(TrainConfig):
@@ -192,7 +193,7 @@ def build_parser(
 
 
 EPILOG = """\
-With no --init and no models/124M here (get it with `python -m gpt2_jax.download 124M`), train.py runs the demo:
+With no --init and no models/124M here (get it with `{download} 124M`), train runs the demo:
 it trains scratch:mini (a 6-layer, 384-wide GPT-2) from scratch on the bundled corpus, with a 4096-piece
 SentencePiece vocabulary trained on that corpus first, learning_rate 1e-3 and, on a CPU, 200 steps of batch_size 8 x
 seq_len 128 (a few minutes; 1000 steps of 16 x 256 on a GPU/TPU), then prints samples. Any flag you give overrides

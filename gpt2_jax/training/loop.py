@@ -18,6 +18,7 @@ every sample, also goes to the trackers `--tracker` names (tracking.py).
 from __future__ import annotations
 
 import math
+import shlex
 import signal
 import sys
 import time
@@ -28,10 +29,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax.cli import command_for
 from gpt2_jax.console import is_primary, print_utf8
 from gpt2_jax.data.batches import BatchSampler, eval_windows
 from gpt2_jax.errors import UserError
+from gpt2_jax.hints import command_for
 from gpt2_jax.model.flops import flops_per_token
 from gpt2_jax.model.lora import adapter_count, merge
 from gpt2_jax.model.params import count_params
@@ -214,8 +215,13 @@ class Loop:
                 rows = np.concatenate([rows, np.repeat(rows[-1:], batch - len(rows), axis=0)])
             rows_array = global_batch(rows[mine], s.mesh, batch)
             loss_sum, n = s.eval_step(s.state.model_params(), rows_array, global_batch(weight[mine], s.mesh, batch))
-            total, count = total + loss_sum, count + n
-        val_loss = float(total) / max(float(count), 1.0)
+            # Read each batch's sums before the next is sent (a host sync per batch, outside the training steps):
+            # XLA:CPU runs every device's part of a program on one shared thread pool, and with several programs
+            # holding collectives in flight it can start the next one's part before this one's other part, so both
+            # wait at their all-reduce until its 40 s abort (seen 1 in 24 kill -9/resume trials on 2 devices; the
+            # eval steps, unlike the train steps, do not depend on each other). One such program at a time.
+            total, count = total + float(loss_sum), count + float(n)
+        val_loss = total / max(count, 1.0)
         tqdm.write(f"[{self.step} | {self.elapsed():.2f}] validation loss={val_loss:.3f}", file=sys.stdout)
         self.add_record(
             {"step": self.step, "val_loss": val_loss, "tokens": self.tokens_seen, "elapsed": self.elapsed()}
@@ -326,6 +332,6 @@ class Loop:
         s.checkpoints.wait()
         self.sample()
         self.plot()
-        sample = f"{command_for('sample')} --model {s.run.path}"
+        sample = f"{command_for('sample')} --model {shlex.quote(str(s.run.path))}"
         print(f"done: step {self.step} saved in {s.run.path}; sample it with: {sample}")
         return 0

@@ -24,6 +24,7 @@ from typing import Any
 
 from gpt2_jax.console import note
 from gpt2_jax.errors import UsageError
+from gpt2_jax.hints import command_for
 from gpt2_jax.training.checkpoints import complete_steps, half_written, resolve_checkpoint_path
 from gpt2_jax.training.config import DEMO_ACCELERATOR, DEMO_CPU, TrainConfig, resolve
 from gpt2_jax.training.mesh import on_cpu
@@ -98,7 +99,7 @@ def new_run_defaults(bundled_dataset: str, steps_flag: int | None) -> dict[str, 
         return {"init": pretrained}
     demo = dict(DEMO_CPU if on_cpu() else DEMO_ACCELERATOR)
     print(
-        "No pretrained GPT-2 found in models/124M (get it with `python -m gpt2_jax.download 124M`), so "
+        f"No pretrained GPT-2 found in models/124M (get it with `{command_for('download')} 124M`), so "
         f"this is the demo: a small GPT-2 ({demo['init']}, 6 layers x 384, its own "
         f"{demo['vocab_size']}-piece vocabulary) trained from scratch for "
         f"{demo['steps'] if steps_flag is None else steps_flag} steps, then samples. Pass --init to choose the model.",

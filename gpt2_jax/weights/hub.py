@@ -4,7 +4,8 @@
     fetch("openai-community/gpt2", FILES, models/gpt2)    files into a folder of ours (download.py)
 
 `load_model` takes a Hub id (`user/name`, or a bare `name`) for any spec that is neither an existing path nor a
-preset name, so `gpt2` stays the preset and `openai-community/gpt2` is the Hub's GPT-2. Only the files a model needs
+released GPT-2's name (releases.py: `gpt2` is found in models/ or the cache, never fetched unasked) nor scratch:NAME.
+Only the files a model needs
 here are fetched (config.json, safetensors weights, GPT-2 or SentencePiece vocabulary files), never pickles.
 huggingface_hub does the rest and follows its own environment: HF_HOME / HF_HUB_CACHE (where the cache is),
 HF_ENDPOINT (a mirror), HF_HUB_OFFLINE=1 (the cache alone), HF_TOKEN (private and gated models). Files download with
@@ -60,6 +61,18 @@ def snapshot(repo_id: str, not_found: str) -> Path:
             "they could run arbitrary code); ask its owner for a model.safetensors, or use another model."
         )
     return folder
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The folder of `repo_id`'s newest snapshot in the local Hugging Face cache when it holds safetensors weights;
+    None otherwise. Never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for weights in ("model.safetensors", "model.safetensors.index.json"):
+        found = try_to_load_from_cache(repo_id, weights)
+        if isinstance(found, str):  # a path; None or a "known not to exist" marker otherwise
+            return Path(found).parent
+    return None
 
 
 def why_not(repo_id: str, error: BaseException) -> str:

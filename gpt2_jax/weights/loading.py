@@ -1,7 +1,8 @@
 """One entry point for every model a user can hand us: `load_model(spec)`.
 
-`spec` is a path, whose format is detected, a preset name (random weights), or a Hugging Face Hub id
-(`openai-community/gpt2-medium`, `user/name`: hub.py), in that order of priority:
+`spec` is a path, whose format is detected; `scratch:NAME` (random weights of a preset's shape); a released GPT-2's
+name (`gpt2`, `124M`, ...: its weights in models/ or the Hugging Face cache, releases.py); or a Hugging Face Hub id
+(`openai-community/gpt2-medium`, `user/name`: hub.py), in that order of priority. Path formats:
 
     openai  OpenAI release dir or gpt-2-simple run dir (TF checkpoint + hparams.json), or a checkpoint prefix/.index
     hf      Hugging Face dir (model.safetensors or sharded with model.safetensors.index.json) or a .safetensors file
@@ -26,7 +27,16 @@ from typing import NamedTuple
 
 import jax
 
-from gpt2_jax.config import DTYPES, PRESETS, GPT2Config, get_config, is_scratch, preset_names, scratch_preset
+from gpt2_jax.config import (
+    DTYPES,
+    PRESETS,
+    SCRATCH_PREFIX,
+    GPT2Config,
+    get_config,
+    is_scratch,
+    preset_names,
+    scratch_preset,
+)
 from gpt2_jax.console import note
 from gpt2_jax.errors import UserError
 from gpt2_jax.model.lora import merge
@@ -34,7 +44,7 @@ from gpt2_jax.model.params import parse_name
 from gpt2_jax.model.transformer import init_params
 from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.tokenizers.gpt2_bpe import load_tokenizer
-from gpt2_jax.weights import hub, lora_run, native, openai, safetensors_io
+from gpt2_jax.weights import hub, lora_run, native, openai, releases, safetensors_io
 from gpt2_jax.weights.huggingface import params_from_hf_state_dict
 from gpt2_jax.weights.tf_bundle import TFCheckpoint, checkpoint_prefix
 
@@ -48,7 +58,7 @@ class LoadedModel:
     tokenizer: Tokenizer  # the model's own (gpt2_jax.tokenizers.gpt2_bpe.load_tokenizer)
     source: str  # human-readable origin, e.g. "OpenAI checkpoint models/124M"
     ignored: tuple[str, ...] = ()  # names of tensors in the checkpoint that are not model weights
-    directory: Path | None = None  # the model's own folder (its tokenizer, a run's gpt2_jax.json); None for a preset
+    directory: Path | None = None  # the model's own folder (its tokenizer, a run's gpt2_jax.json); None for scratch
     step: int | None = None  # the training step of a run's checkpoint; None for any other model
 
 
@@ -81,8 +91,10 @@ def detect_format(path: Path) -> str:
     if Path(f"{path}.index").is_file():
         return "openai"  # a checkpoint prefix such as models/124M/model.ckpt
     if not path.is_dir():
-        names = ", ".join(preset_names())
-        raise UserError(f"No model at {path}: no such file or directory, and not a preset name ({names}).")
+        raise UserError(
+            f"No model at {path}: no such file or directory, and not a released GPT-2's name (gpt2, gpt2-medium, "
+            "gpt2-large, gpt2-xl or 124M, 355M, 774M, 1558M) or scratch:NAME."
+        )
     if native.is_native_model(path):
         return "native"
     if native.is_run_directory(path):
@@ -210,7 +222,8 @@ def read_weights(path: str | os.PathLike, *, verify_crc: bool | None = None) -> 
 def load_model(
     spec: str | os.PathLike, *, dtype: str | None = None, seed: int = 0, verify_crc: bool | None = None
 ) -> LoadedModel:
-    """Load a model from a path of any supported format, or build a preset (`tiny`, `124M`, ...) with random weights.
+    """Load a model: a path of any supported format, a released GPT-2's name (`gpt2`, `124M`, ...: releases.py), a
+    Hugging Face Hub id, or `scratch:NAME` for random weights of a preset's shape (`scratch:tiny`, `scratch:124M`).
 
     dtype: compute dtype (default `default_compute_dtype()`); verify_crc: see `openai.params_from_tf_checkpoint`.
     """
@@ -223,14 +236,16 @@ def load_model(
         config = get_config(preset, dtype=dtype)
         params = init_params(config, seed)
         return LoadedModel(config, params, load_tokenizer(None), f"{preset} with random weights (seed {seed})")
-    if not on_disk and str(spec) in preset_names():
-        config = get_config(str(spec), dtype=dtype)
-        if PRESETS.get(str(spec)) is None or str(spec) in RELEASED_SIZES:
-            note(f"{spec} is a preset: random weights; for OpenAI's, run python -m gpt2_jax.download {spec}")
-        params = init_params(config, seed)
-        return LoadedModel(config, params, load_tokenizer(None), f"preset {spec} (random weights, seed {seed})")
+    if not on_disk and releases.release_size(str(spec)):
+        spec = releases.find_release(str(spec))
+        on_disk = True
+    elif not on_disk and str(spec) in preset_names():
+        raise UserError(
+            f"{spec} is a model shape, not trained weights; name it {SCRATCH_PREFIX}{spec} for random weights of that "
+            "shape, or give a model's path."
+        )
     if not on_disk and hub.is_hub_id(str(spec)):
-        not_found = f"No model at {spec}: no such file or directory, not a preset name"
+        not_found = f"No model at {spec}: no such file or directory, not a released GPT-2's name or scratch:NAME"
         weights = read_weights(hub.snapshot(str(spec), not_found))._replace(source=f"Hugging Face Hub model {spec}")
     else:
         weights = read_weights(spec, verify_crc=verify_crc)
