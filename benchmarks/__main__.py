@@ -29,6 +29,7 @@ from benchmarks import serve as serve_bench
 from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
+from gpt2_jax.hints import command_for
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -53,7 +54,7 @@ def _remat(text: str) -> tuple[bool, ...]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog=command_for("bench"), description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="quick", choices=suite.SUITE_NAMES, help="named sweep (default: quick)")
     p.add_argument("--compare", choices=["pytorch"], help="also time Hugging Face PyTorch GPT-2 at the same points")
     p.add_argument(

@@ -21,6 +21,7 @@ import sys
 # The command `commands.py` is running (`gpt2-jax NAME`), set while it runs; None for a script or `python -m`.
 invoked_as: str | None = None
 SCRIPTS = ("train", "sample")  # the checkout's top-level scripts; every other command is only a module
+MODULES = {"bench": "benchmarks"}  # commands whose module is not gpt2_jax.NAME (the suite lives in the checkout)
 
 
 def typed_path(path: str, *, program: bool = False) -> str:
@@ -56,4 +57,4 @@ def command_for(name: str) -> str:
     if name in SCRIPTS and os.path.basename(argv0) in {f"{s}.py" for s in SCRIPTS}:
         if os.path.basename(checkout) != "gpt2_jax":  # the checkout's train.py/sample.py, not the package's module
             return f"{python()} {typed_path(os.path.join(checkout, f'{name}.py'))}"
-    return f"{python()} -m gpt2_jax.{name}"
+    return f"{python()} -m {MODULES.get(name, f'gpt2_jax.{name}')}"

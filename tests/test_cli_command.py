@@ -96,7 +96,7 @@ def test_hints_name_commands_the_way_the_user_ran_this_one(monkeypatch):
     assert hints.command_for("sample") == "python sample.py"
     assert hints.command_for("download") == "python -m gpt2_jax.download"
     monkeypatch.chdir(ROOT / "tests")
-    assert hints.command_for("sample") == "python ../sample.py"  # run from another folder: the script's path
+    assert hints.command_for("sample") == f"python {ROOT / 'sample.py'}"  # from another folder: its path
     monkeypatch.setattr(sys, "argv", [str(Path(commands.__file__).with_name("train.py"))])
     assert hints.command_for("sample") == "python -m gpt2_jax.sample"
     monkeypatch.setattr(hints, "invoked_as", "gpt2-jax train")
