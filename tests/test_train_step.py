@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerance import ulps
 
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
@@ -152,7 +153,7 @@ PARALLEL_SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # a subprocess with 8 CPU devices compiling four step variants: ~45 s on 2 cores
 def test_data_parallel_and_accumulation_match_one_device():
     """8 devices x 1 row, 1 device x 4 micro-batches of 2, and 8 devices with the state sharded (fsdp) x 2
-    micro-batches all equal 1 device x 8 rows (<= 1e-5), 3 steps."""
+    micro-batches all equal 1 device x 8 rows, 3 steps: the losses up to summation order, the params within 1e-5."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "-c", PARALLEL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
@@ -160,6 +161,9 @@ def test_data_parallel_and_accumulation_match_one_device():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["base_losses"][2] < result["base_losses"][0]  # it trains
+    # Each loss is a mean of 8 x 32 token losses that the device counts and micro-batches group in their own orders
+    # (measured: 4 ulps apart): 256 ulps. The params' 1e-5 is measured, not derived (2e-7 here): Adam's g / sqrt(v)
+    # can scale a gradient's rounding up to lr, which the script's warm-up keeps small.
     for name in ("devices8", "accumulate4x2", "fsdp8x2"):
-        assert result[name]["loss"] <= 1e-5, (name, result[name])
+        assert result[name]["loss"] <= ulps(result["base_losses"], 256), (name, result[name])
         assert result[name]["params"] <= 1e-5, (name, result[name])
