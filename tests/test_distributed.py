@@ -5,8 +5,8 @@ Three real runs of train.py, on a constant learning rate so that a 4-step run re
     A  1 process x 4 devices, 6 steps (the reference)
     B  2 processes x 2 devices, 4 steps, state sharded across all 4 devices (fsdp), samples at the end
     C  B's run directory resumed in 1 process x 4 devices (replicated) to step 6
-B's losses equal A's for steps 1-4 and C's equal A's for steps 5-6 (<= 1e-5): the global batch, the collectives and
-the checkpoint (written by two processes, read by one, resharded on the way) are all exact.
+B's losses equal A's for steps 1-4 and C's equal A's for steps 5-6 up to summation order: the global batch, the
+collectives and the checkpoint (written by two processes, read by one, resharded on the way) are all exact.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tolerance import ulps
 
 from gpt2_jax.config import get_config
 from gpt2_jax.weights.native import load_params
@@ -120,8 +121,9 @@ def test_two_processes_train_like_one_and_resume_in_one(corpus, tmp_path):
     reference, distributed = losses(a), losses(b)
     assert sorted(distributed) == [1, 2, 3, 4, 5, 6]
     assert reference[6] < reference[1]  # it trains
-    for step in range(1, 7):
-        assert abs(distributed[step] - reference[step]) <= 1e-5, (step, distributed[step], reference[step])
+    for step in range(1, 7):  # a mean of 8 x 32 token losses that 2 processes' devices sum in other orders
+        tolerance = ulps(reference[step], 256)
+        assert abs(distributed[step] - reference[step]) <= tolerance, (step, distributed[step], reference[step])
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from reference import hf_model_from_params
+from tolerance import ulps
 
 from gpt2_jax import evaluate
 from gpt2_jax.cli import run_cli
@@ -149,7 +150,9 @@ def test_command_prints_json_with_the_same_numbers(text_file, result, model_dir)
     assert completed.returncode == 0, completed.stderr
     record = json.loads(completed.stdout)
     assert record["tokens"] == result["tokens"]
-    assert record["loss"] == pytest.approx(result["loss"], rel=1e-6)  # batch size does not change the number
+    # The batch size only regroups the windows' float32 sums (each window's own is the same program): one rounding
+    # of the total per window, and an ulp of the total over the token count is at most 2 ulps of the mean.
+    assert record["loss"] == pytest.approx(result["loss"], abs=ulps(result["loss"], 2 * result["windows"]))
     assert record["perplexity"] == pytest.approx(math.exp(record["loss"]), rel=1e-9)
 
 

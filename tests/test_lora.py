@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerance import ulps
 
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError, UserError
@@ -99,7 +100,9 @@ def test_step_zero_is_the_base_model_and_only_adapters_train(base_params):
     for _ in range(3):
         state, metrics = train_step(state, shard_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
-    assert losses[0] == pytest.approx(base_loss, abs=1e-6)  # B = 0: step 0 is the base model exactly
+    # B = 0 adds exact zeros, so step 0 is the base model in real arithmetic; but the train step and mean_loss are two
+    # graphs that sum the 64 token losses in their own orders (measured: 2 ulps apart on AVX-512 CPUs).
+    assert losses[0] == pytest.approx(base_loss, abs=ulps(base_loss, 64))
     assert losses[2] < losses[0]
     for x, y in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(base_params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), y)  # the base never moves

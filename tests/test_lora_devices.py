@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+from tolerance import ulps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +52,7 @@ SCRIPT = textwrap.dedent(
         return losses, jax.device_get(state.params)
 
     base_losses, base_adapters = run(1, "replicated")
-    result = {}
+    result = {"base_losses": base_losses}
     for name, (n, sharding) in {"devices4": (4, "replicated"), "fsdp4": (4, "fsdp")}.items():
         losses, adapters = run(n, sharding)
         result[name] = {
@@ -66,20 +67,23 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow  # a subprocess with 4 CPU devices compiling three step variants: ~30 s on 2 cores
 def test_lora_with_dropout_on_several_devices_matches_one_device():
-    """Same masks and same updates on 1 and 4 devices, replicated or fsdp, 2 micro-batches (<= 1e-5), 3 steps."""
+    """Same masks and same updates on 1 and 4 devices, replicated or fsdp, 2 micro-batches, 3 steps: the losses up to
+    summation order, the adapters within 1e-5."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    # A mean of 8 x 32 token losses grouped per device and micro-batch in other orders (measured: 2 ulps apart).
     for name in ("devices4", "fsdp4"):
-        assert result[name]["loss"] <= 1e-5, (name, result[name])
+        assert result[name]["loss"] <= ulps(result["base_losses"], 256), (name, result[name])
         assert result[name]["params"] <= 1e-5, (name, result[name])
 
 
 @pytest.mark.slow  # three train.py processes with compiles: ~60 s on 2 cores
 def test_lora_run_over_two_processes_trains_like_one(corpus, tmp_path):
     """A LoRA run with dropout, 2 processes x 2 devices (fsdp, samples merged from the sharded state at the end),
-    has the losses of 1 process x 4 devices (<= 1e-5), and loads as a merged model in this 1-device process."""
+    has the losses of 1 process x 4 devices up to summation order, and loads as a merged model in this 1-device
+    process."""
     from test_distributed import losses, run_one, run_processes, train_args
 
     from gpt2_jax.weights.loading import load_model
@@ -106,6 +110,7 @@ def test_lora_run_over_two_processes_trains_like_one(corpus, tmp_path):
     assert "in 2 processes" in results[0][1] and "==== SAMPLE 1 ====" in results[0][1]
     reference, distributed = losses(a), losses(b)
     assert sorted(distributed) == [1, 2, 3, 4]
-    for step in range(1, 5):
-        assert abs(distributed[step] - reference[step]) <= 1e-5, (step, distributed[step], reference[step])
+    for step in range(1, 5):  # a mean of 8 x 32 token losses, summed by 2 processes' devices in other orders
+        tolerance = ulps(reference[step], 256)
+        assert abs(distributed[step] - reference[step]) <= tolerance, (step, distributed[step], reference[step])
     assert load_model(b).source.startswith("LoRA run")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from reference import hf_logits, hf_loss, hf_loss_and_grads, hf_model_from_params, random_params
 from safetensors.numpy import load_file
+from tolerance import ulps
 
 from gpt2_jax.config import GPT2Config, get_config
 from gpt2_jax.model.ops import attention_implementation
@@ -106,8 +107,10 @@ def test_loss_and_grads_match_torch_autograd(odd_params: Any, odd_hf: Any) -> No
     tokens_BT = tokens(ODD, B, T, seed=3)
     loss, grads = loss_and_grads(ODD, odd_params, jnp.asarray(tokens_BT))
     ref_loss, ref_grads = hf_loss_and_grads(odd_hf, tokens_BT, ODD)
-    assert abs(float(loss) - ref_loss) <= 1e-5
-    assert abs(hf_loss(odd_hf, tokens_BT) - ref_loss) <= 1e-6
+    # Means of 2 x 31 token losses summed in other orders: by XLA and torch (measured: 3 ulps apart), and by torch
+    # with autograd on and off, free to take other kernels.
+    assert abs(float(loss) - ref_loss) <= ulps(ref_loss, B * (T - 1))
+    assert abs(hf_loss(odd_hf, tokens_BT) - ref_loss) <= ulps(ref_loss, B * (T - 1))
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
     flat_ours = dict(jax.tree_util.tree_leaves_with_path(grads))
     assert flat_ours.keys() == flat_ref.keys()
@@ -176,6 +179,7 @@ def test_output_at_t_unchanged_when_later_tokens_change(odd_params: Any) -> None
 def test_scan_equals_unrolled(odd_params: Any) -> None:
     tokens_BT = jnp.asarray(tokens(ODD, B, T, seed=8))
     unrolled = ODD.replace(scan_unroll=ODD.n_layer)
+    # Another graph (XLA may fuse across layers): 1e-5 is 21 ulps of the largest logit, about 6 (measured: 0).
     assert max_abs_diff(forward(unrolled, odd_params, tokens_BT), forward(ODD, odd_params, tokens_BT)) <= 1e-5
 
 
@@ -185,7 +189,8 @@ def test_remat_equals_no_remat(odd_params: Any) -> None:
     # The loss is the forward pass's result: comparing it saves compiling a separate remat forward.
     loss, grads = loss_and_grads(ODD, odd_params, tokens_BT)
     loss_r, grads_r = loss_and_grads(remat, odd_params, tokens_BT)
-    assert abs(float(loss) - float(loss_r)) <= 1e-6
+    # Remat's barriers change how XLA fuses the forward: a mean of 2 x 31 token losses, maybe in another order.
+    assert abs(float(loss) - float(loss_r)) <= ulps(float(loss), B * (T - 1))
     diffs = jax.tree.map(max_abs_diff, grads, grads_r)
     assert max(jax.tree.leaves(diffs)) <= 1e-5, diffs
 
@@ -195,6 +200,7 @@ def test_jit_equals_eager(odd_params: Any) -> None:
     jitted = forward(ODD, odd_params, tokens_BT)
     with jax.disable_jit():
         eager = GPT2(ODD).apply({"params": odd_params}, tokens_BT)
+    # Eager runs each op alone where jit fuses: 1e-5 is 21 ulps of the largest logit, about 7 (measured: 6).
     assert max_abs_diff(jitted, eager) <= 1e-5
 
 

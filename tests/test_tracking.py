@@ -83,6 +83,7 @@ def test_tensorboard_holds_the_metrics_once_per_step_across_a_resume(tmp_path, f
     for chart, points in events.items():  # steps 5-8 were logged twice; the first session's copies are gone
         assert [step for step, _ in points] == sorted(expected[chart]), chart
         for step, value in points:
+            # TensorBoard keeps scalars as float32: the logged double rounded once, half an eps (1e-6 is 8 eps).
             assert value == pytest.approx(expected[chart][step], rel=1e-6), (chart, step)
 
     viewer = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})

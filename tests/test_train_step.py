@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerance import ulps
 
 from gpt2_jax.config import get_config
 from gpt2_jax.errors import UsageError
@@ -60,12 +61,15 @@ def test_weight_decay_leaves_biases_and_gains_untouched(tiny_params):
     old = _flat(tiny_params)
     for name, mask in _flat(decay_mask(tiny_params)).items():
         if mask:  # AdamW's decoupled decay: p <- p - lr * wd * p when the gradient is zero
+            # Elementwise, no sums: optax rounds wd * p, lr * that and p + u, this side p * 0.95 once, so they are
+            # about 1 eps apart relative; 1e-6 is 8 eps.
             np.testing.assert_allclose(new[name], old[name] * (1 - lr * wd), rtol=1e-6, atol=1e-7)
         else:
             np.testing.assert_array_equal(new[name], old[name])
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
+    # float32 schedules against exact decimals: a few elementwise roundings, within approx's default rel=1e-6 (8 eps).
     cosine = learning_rate_schedule(1e-3, warmup_steps=10, total_steps=100, min_lr=1e-4)
     assert float(cosine(0)) == 0.0
     assert float(cosine(5)) == pytest.approx(5e-4)
@@ -152,7 +156,7 @@ PARALLEL_SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # a subprocess with 8 CPU devices compiling four step variants: ~45 s on 2 cores
 def test_data_parallel_and_accumulation_match_one_device():
     """8 devices x 1 row, 1 device x 4 micro-batches of 2, and 8 devices with the state sharded (fsdp) x 2
-    micro-batches all equal 1 device x 8 rows (<= 1e-5), 3 steps."""
+    micro-batches all equal 1 device x 8 rows, 3 steps: the losses up to summation order, the params within 1e-5."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "-c", PARALLEL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
@@ -160,6 +164,9 @@ def test_data_parallel_and_accumulation_match_one_device():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["base_losses"][2] < result["base_losses"][0]  # it trains
+    # Each loss is a mean of 8 x 32 token losses that the device counts and micro-batches group in their own orders
+    # (measured: 4 ulps apart): 256 ulps. The params' 1e-5 is measured, not derived (2e-7 here): Adam's g / sqrt(v)
+    # can scale a gradient's rounding up to lr, which the script's warm-up keeps small.
     for name in ("devices8", "accumulate4x2", "fsdp8x2"):
-        assert result[name]["loss"] <= 1e-5, (name, result[name])
+        assert result[name]["loss"] <= ulps(result["base_losses"], 256), (name, result[name])
         assert result[name]["params"] <= 1e-5, (name, result[name])
