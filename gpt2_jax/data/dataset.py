@@ -41,6 +41,7 @@ from gpt2_jax.data import cache as token_cache
 from gpt2_jax.data import files as data_files
 from gpt2_jax.data import shards
 from gpt2_jax.data.files import TOKEN_EXTENSIONS, DatasetFiles, Piece, find_dataset_files
+from gpt2_jax.data.joining import Joiner, encode_group
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.tokenizers.base import Tokenizer
 
@@ -225,35 +226,9 @@ def _tokenize_into(
 
 def _encode_pieces(pieces: Iterator[Piece], tokenizer: Tokenizer, writer: token_cache.CacheWriter, bar: tqdm) -> int:
     """Encode text pieces in parallel batches, in order, with the end-of-text id between documents."""
-    eot = np.array([tokenizer.eot_id], writer.dtype)
     threads = min(32, os.cpu_count() or 1)
-    group_chars = GROUP_CHARS or 2 * threads * data_files.CHUNK_CHARS
-    group: list[str | np.ndarray] = []
-    chars = n_bytes = n_docs = 0
-    ends_with_eot = True  # nothing is written before the first document, so it gets no separator
-    pending_start = False
-
-    def flush() -> None:
-        texts = [p for p in group if isinstance(p, str)]
-        encoded = iter(tokenizer.encode_batch(texts, num_threads=threads) if texts else [])
-        for p in group:
-            writer.write(np.asarray(next(encoded), writer.dtype) if isinstance(p, str) else p)
-        bar.update(n_bytes)
-
-    for starts_document, payload, size in pieces:
-        pending_start |= starts_document
-        n_bytes += size
-        if len(payload):
-            if pending_start:
-                n_docs += 1
-                if not ends_with_eot:
-                    group.append(eot)
-                pending_start = False
-            group.append(payload)
-            chars += len(payload)
-            ends_with_eot = not isinstance(payload, str) and int(payload[-1]) == tokenizer.eot_id
-        if chars >= group_chars or len(group) >= 4096:
-            flush()
-            group, chars, n_bytes = [], 0, 0
-    flush()
-    return n_docs
+    joiner = Joiner(tokenizer.eot_id, writer.dtype, GROUP_CHARS or 2 * threads * data_files.CHUNK_CHARS)
+    for group in joiner.groups(pieces):
+        writer.write(encode_group(group, tokenizer, writer.dtype, threads))
+        bar.update(group.n_bytes)
+    return joiner.n_documents
