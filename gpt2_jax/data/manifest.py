@@ -117,6 +117,8 @@ def _refusal(out_dir: str, ours: list[str], record: dict | None, settings: dict)
         some = ", ".join(ours[:3]) + (", ..." if len(ours) > 3 else "")
         return f"{out_dir} already holds llm.c shards ({some}) that no prepare manifest describes; {fix}."
     theirs = record.get("settings") or {}
-    changed = next((key for key in settings if theirs.get(key) != settings[key]), "version")
-    what = "input (other files, or changed since)" if changed == "input" else changed
+    # What the user chose first; the rest (the stream's version, the group size) change only with gpt2-jax itself.
+    chosen = ("input", "name", "shard_size", "val_shards", "text_column", "tokenizer")
+    changed = next((key for key in chosen if theirs.get(key) != settings.get(key)), None)
+    what = {"input": "input (other files, or changed since)", None: "version of gpt2-jax"}.get(changed, changed)
     return f"{out_dir} holds the shards of another prepare run (made with a different {what}); {fix}."
