@@ -158,6 +158,15 @@ def test_shards_need_gpt2s_vocabulary(tmp_path):
     assert len(read_token_stream(str(tmp_path / "*.bin"), gpt2_tokenizer(hf), progress=False).tokens) == 100
 
 
+def test_a_sentencepiece_vocabulary_cannot_be_learned_from_shards(tmp_path):
+    from gpt2_jax.errors import UsageError
+    from gpt2_jax.training.setup import _dataset_texts
+
+    write_datafile(tmp_path / "a_train_000001.bin", random_tokens(100, 0).tolist())
+    with pytest.raises(UsageError, match=r"--dataset names llm.c shards, which hold GPT-2's token ids already; leave"):
+        _dataset_texts(str(tmp_path / "*.bin"), None)
+
+
 def test_our_header_is_llmcs(tmp_path):
     tokens = random_tokens(321, 3)
     write_datafile(tmp_path / "theirs.bin", tokens.tolist())

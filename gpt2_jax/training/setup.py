@@ -186,6 +186,11 @@ def continued_lora(model_dir: Path, lora_config: LoraConfig | None) -> LoraRecor
 def _dataset_texts(path: str, text_column: str | None) -> Iterator[str]:
     """The dataset's text documents, for training a SentencePiece vocabulary on them."""
     files = data_files.find_dataset_files(path)
+    if data_files.are_shards(files, "--dataset"):
+        raise UsageError(
+            "--tokenizer sentencepiece learns a vocabulary from text, but --dataset names llm.c shards, which hold "
+            "GPT-2's token ids already; leave --tokenizer at gpt2."
+        )
     pieces = (piece for f in files.paths for piece in data_files.read_file(f, 1 << 32, False, text_column))
     return (text for _, text, _ in pieces if isinstance(text, str))
 
