@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gpt2_jax.errors import UserError
+from gpt2_jax.io import StreamedFile
 from gpt2_jax.tokenizers.base import Tokenizer
 
 MAGIC = 20240520
@@ -90,33 +91,22 @@ def header_bytes(count: int) -> bytes:
 
 class ShardFile:
     """One shard written under `<path>.tmp` as tokens arrive; `commit()` writes the header and renames it to `path`,
-    so a shard under its real name is always complete. Returns the sha256 of the whole file."""
+    so a shard under its real name is always complete, and returns the sha256 of the whole file."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.temp_path, self.n_tokens = path, path + ".tmp", 0
-        self._file = open(self.temp_path, "wb")
-        self._file.write(b"\0" * HEADER_BYTES)  # the count is known only at the end
+        self.path, self.n_tokens = path, 0
+        self._file = StreamedFile(path, path + ".tmp", HEADER_BYTES)  # the count is known only at the end
 
     def write(self, tokens: np.ndarray) -> None:
         self._file.write(np.ascontiguousarray(tokens, "<u2").tobytes())
         self.n_tokens += len(tokens)
 
     def commit(self) -> str:
-        self._file.seek(0)
-        self._file.write(header_bytes(self.n_tokens))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        digest = file_sha256(self.temp_path)
-        os.replace(self.temp_path, self.path)
-        return digest
+        self._file.commit(header_bytes(self.n_tokens))
+        return file_sha256(self.path)
 
     def abort(self) -> None:
-        self._file.close()
-        try:
-            os.remove(self.temp_path)
-        except OSError:
-            pass
+        self._file.abort()
 
 
 def file_sha256(path: str) -> str:
