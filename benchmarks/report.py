@@ -40,7 +40,7 @@ def environment() -> dict[str, Any]:
         "optax": package_version("optax"),
         "torch": package_version("torch"),
         "transformers": package_version("transformers"),
-        "python": platform.pythonpackage_version(),
+        "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_num_cpu_devices": jax.config.jax_num_cpu_devices,  # -1: not set (see benchmarks/__main__.py)
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
