@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,9 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def run_prepare(corpus: Path, out: Path, *flags: str) -> int:
-    return prepare.main([str(corpus), str(out), "--name", "corpus", "--shard_size", str(SHARD), "--quiet", *flags])
+    """In this process, with one worker unless `flags` say otherwise (then they are spawned: JAX may be imported)."""
+    argv = [str(corpus), str(out), "--name", "corpus", "--shard_size", str(SHARD), "--workers", "1", "--quiet"]
+    return prepare.main([*argv, *flags])
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,15 @@ def test_one_worker_or_two_give_the_same_bytes(corpus, straight, tmp_path):
     assert f"--dataset '{out}/corpus_train_*.bin' --val_dataset '{out}/corpus_val_*.bin'" in done.stdout
     assert "tok/s" in done.stderr and "B/s" in done.stderr  # the progress bar's two rates
     assert contents(out) == contents(straight)
+
+
+def test_workers_are_spawned_where_jax_is_imported(corpus, straight, tmp_path, monkeypatch):
+    """A fork would copy JAX's threads' locks: with JAX imported, the same bytes come from spawned workers."""
+    monkeypatch.setitem(sys.modules, "jax", sys.modules.get("jax") or types.ModuleType("jax"))
+    forks = []
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or pytest.fail("a worker was forked"))
+    assert run_prepare(corpus, tmp_path / "out", "--workers", "2") == 0
+    assert contents(tmp_path / "out") == contents(straight) and not forks
 
 
 KILLED = """

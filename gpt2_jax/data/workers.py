@@ -8,8 +8,10 @@ process.
 The processes are forked (where the OS has fork): they start at once and inherit what the parent loaded (the
 tokenizer), with nothing pickled. Forking is safe here because nothing on this path imports JAX (whose runtime
 threads a fork would not carry over) and the pool is made before this process starts threads of its own (tqdm's
-monitor, pyarrow's readers), so that the children copy no lock another thread holds. Workers ignore Ctrl-C (the
-parent stops them) and exit by themselves when the parent dies, even by SIGKILL, instead of waiting forever for work.
+monitor, pyarrow's readers), so that the children copy no lock another thread holds. Where JAX is imported all the
+same (prepare called from a program that uses it), the workers are spawned instead: fresh interpreters, slower to
+start, given the setup's arguments pickled. Workers ignore Ctrl-C (the parent stops them) and exit by themselves
+when the parent dies, even by SIGKILL, instead of waiting forever for work.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import collections
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +43,8 @@ class OrderedPool:
         if self.workers <= 1:
             self.setup(*self.args)
         else:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            forkable = "fork" in multiprocessing.get_all_start_methods() and "jax" not in sys.modules
+            method = "fork" if forkable else "spawn"
             context = multiprocessing.get_context(method)
             self._pool = context.Pool(self.workers, _worker_start, (os.getpid(), self.setup, self.args))
         return self
