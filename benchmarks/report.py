@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import math
 import os
@@ -20,26 +19,11 @@ from typing import Any
 
 import jax
 
+from benchmarks.host import cpu_model, package_version
 from gpt2_jax.cli import run_cli
 from gpt2_jax.errors import UserError
 
 JOBS = ("train", "prefill", "decode")
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return names[0] if names else platform.processor()
-    except OSError:
-        return platform.processor()
 
 
 def environment() -> dict[str, Any]:
@@ -51,16 +35,16 @@ def environment() -> dict[str, Any]:
         "device_count": len(devices),
         "global_device_count": jax.device_count(),
         "jax": jax.__version__,
-        "jaxlib": _version("jaxlib"),
-        "flax": _version("flax"),
-        "optax": _version("optax"),
-        "torch": _version("torch"),
-        "transformers": _version("transformers"),
+        "jaxlib": package_version("jaxlib"),
+        "flax": package_version("flax"),
+        "optax": package_version("optax"),
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_num_cpu_devices": jax.config.jax_num_cpu_devices,  # -1: not set (see benchmarks/__main__.py)
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host_cpu": _cpu_model(),
+        "host_cpu": cpu_model(),
         "host_cpu_count": os.cpu_count(),
         "host_load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }

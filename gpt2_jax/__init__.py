@@ -23,8 +23,8 @@ data/        dataset files, the token cache, the train/validation split, batches
 cli.py       what every command shares: `error: ...` lines and exit codes, argparse complaints in one sentence
 compile_cache.py  the persistent JAX compilation cache that train and sample turn on
 training/    flags, mesh, the jitted step, AdamW, checkpoints, the run directory, the training loop
-convert.py download.py evaluate.py sample.py train.py  the commands: `python -m gpt2_jax.NAME` (train and sample
-             also as root scripts)
+convert.py download.py evaluate.py prepare.py sample.py train.py  the commands: `python -m gpt2_jax.NAME` (train
+             and sample also as root scripts)
 commands.py __main__.py  `gpt2-jax NAME ...` (= `python -m gpt2_jax NAME ...`): every command by name
 corpus/      (in the wheel only) the bundled Shakespeare corpus, the repository's data/ folder
 """

@@ -3,7 +3,7 @@
     gpt2-jax train ...      = python train.py ...              gpt2-jax download ... = python -m gpt2_jax.download ...
     gpt2-jax sample ...     = python sample.py ...             gpt2-jax evaluate ... = python -m gpt2_jax.evaluate ...
     gpt2-jax convert ...    = python -m gpt2_jax.convert ...   gpt2-jax bench ...    = python -m benchmarks ...
-    gpt2-jax serve ...      = python -m gpt2_jax.serve ...
+    gpt2-jax serve ...      = python -m gpt2_jax.serve ...     gpt2-jax prepare ...  = python -m gpt2_jax.prepare ...
 
 Everything after the subcommand's name goes to that command's own `main`, unchanged: the same flags, output, exit
 codes and `--help`. Each command's module is imported only when it is asked for, so `gpt2-jax --help` is instant.
@@ -32,6 +32,7 @@ COMMANDS = {
     "convert": ("gpt2_jax.convert", "convert a model to our native format or to Hugging Face's"),
     "download": ("gpt2_jax.download", "download GPT-2 weights from OpenAI or Hugging Face"),
     "evaluate": ("gpt2_jax.evaluate", "loss and perplexity of a model on a dataset"),
+    "prepare": ("gpt2_jax.prepare", "tokenize a corpus into llm.c shards for pretraining (parallel, resumable)"),
     "serve": ("gpt2_jax.serve", "serve a model over OpenAI's completions API (continuous batching)"),
     "bench": ("benchmarks.__main__", "the benchmark suite, against the hardware's limits and PyTorch (source only)"),
 }

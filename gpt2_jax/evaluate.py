@@ -3,11 +3,11 @@
     python -m gpt2_jax.evaluate --model models/124M --data data/shakespeare [--json] [--batch_size 8]
 
 The data is read as `train.py --dataset` reads it (`gpt2_jax.data`: a file, folder or glob of .txt/.md, .jsonl,
-.csv or pre-tokenized .npy/.bin; documents joined by `<|endoftext|>`; tokenized once into a cache), whole, nothing
-held out. That token stream is cut into consecutive non-overlapping windows of n_ctx tokens (the last one shorter).
-In each window the first token is unpredicted and every other token is predicted from those before it in the
-window; the loss is the mean negative log-likelihood (nats) over all predicted tokens, computed by the training loss
-(`training.step.token_losses`), and perplexity is its exponential.
+.csv, .parquet or pre-tokenized .npy/.bin, llm.c shards included; documents joined by `<|endoftext|>`; tokenized
+once into a cache), whole, nothing held out. That token stream is cut into consecutive non-overlapping windows of
+n_ctx tokens (the last one shorter). In each window the first token is unpredicted and every other token is
+predicted from those before it in the window; the loss is the mean negative log-likelihood (nats) over all
+predicted tokens, computed by the training loss (`training.step.token_losses`), and perplexity is its exponential.
 
 Axes: W windows in the stream, B windows per forward pass (--batch_size), T = n_ctx tokens per window.
 """
@@ -90,7 +90,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--model", required=True, help="a model as sample.py takes it (a path, gpt2/124M/..., a Hub id, scratch:NAME)"
     )
     parser.add_argument(
-        "--data", required=True, help="dataset: a file, folder or glob of .txt/.md, .jsonl, .csv, .npy or .bin files"
+        "--data",
+        required=True,
+        help="dataset: a file, folder or glob of .txt/.md, .jsonl, .csv, .parquet, .npy or .bin (llm.c shards) files",
+    )
+    parser.add_argument(
+        "--text_column", help="field or column that holds the text in .jsonl, .csv and .parquet files (default: text)"
     )
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: bf16 on GPU/TPU)")
@@ -106,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     find_dataset_files(args.data)  # a wrong --data fails before the model is read
     model = load_model(args.model, dtype=args.dtype)
-    stream = read_token_stream(args.data, model.tokenizer, flag="--data")
+    stream = read_token_stream(args.data, model.tokenizer, flag="--data", text_column=args.text_column)
     if stream.n_replaced_bytes:
         note(f"replaced {stream.n_replaced_bytes} invalid UTF-8 bytes in the data with U+FFFD")
     tokens = stream.tokens

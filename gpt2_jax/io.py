@@ -1,8 +1,9 @@
 """File and process helpers shared by every writer and reader.
 
 Nothing is ever left half-written under its final name: a file goes through a temporary name
-(`atomic_write_bytes`); a whole directory (a converted model) is filled under a temporary name beside its
-destination and renamed into place (`atomic_directory`). `pid_alive` tells whether the owner of a lock or of a
+(`atomic_write_bytes`, or `StreamedFile` for one written piece by piece with its header last); a whole directory (a
+converted model) is filled under a temporary name beside its destination and renamed into place
+(`atomic_directory`). `pid_alive` tells whether the owner of a lock or of a
 temporary file is still running.
 
 Orbax's own failure noise is kept off the user's terminal when a read or write fails (`quiet_orbax_failures`): a
@@ -39,6 +40,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class StreamedFile:
+    """A file written front to back under `temp_path`, its first `header_size` bytes left for a header known only at
+    the end: `commit(header)` writes it, fsyncs and renames the file to `path`; `abort()` deletes it. Opening raises
+    OSError when the folder is not writable."""
+
+    def __init__(self, path: str, temp_path: str, header_size: int) -> None:
+        self.path, self.temp_path, self.header_size = path, temp_path, header_size
+        self._file = open(temp_path, "wb")
+        self._file.write(b"\0" * header_size)
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def commit(self, header: bytes) -> None:
+        if len(header) != self.header_size:
+            raise ValueError(f"a header of {len(header)} bytes for a place of {self.header_size}")
+        self._file.seek(0)
+        self._file.write(header)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.temp_path, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        try:
+            os.remove(self.temp_path)
+        except OSError:
+            pass
 
 
 class _DropOrbaxTasks(logging.Filter):

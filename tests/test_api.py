@@ -29,7 +29,7 @@ LAYERS = [
     {"sampling", "data"},
     {"serving"},  # the server's engine and web app, over sampling
     {"cli", "compile_cache", "training"},  # what the commands share; training's flags
-    {"convert", "download", "evaluate", "sample", "serve", "train"},  # the commands
+    {"convert", "download", "evaluate", "prepare", "sample", "serve", "train"},  # the commands
     {"__init__"},  # the public API re-exports
     {"commands", "__main__"},  # gpt2-jax: every command by name
 ]

@@ -1,5 +1,5 @@
 """The benchmark suite: its toy sweep end to end (so it cannot rot), the scaling sweep at toy size on 2 of 8 host
-devices, the FLOP and byte counts, the PyTorch reference's weights, the report.
+devices, the FLOP and byte counts, the PyTorch reference's weights, the report, the data benchmark at toy size.
 
 The toy suite runs in-process at the smallest shapes with two timed runs per point; it checks the JSON schema and
 that the derived numbers agree with each other, never how fast anything is.
@@ -365,3 +365,25 @@ def test_gpu_verify_summary_says_which_goals_were_met(tmp_path):
 def test_gpu_verify_script_parses():
     result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_verify.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_data_benchmark_runs_at_toy_size_and_writes_its_points(tmp_path, capsys):
+    from benchmarks import data as data_bench
+
+    out = tmp_path / "data.json"
+    toy = ["--text_mb", "0.3", "--workers", "1", "--shards", "2", "--shard_tokens", "50000", "--batch", "4"]
+    assert data_bench.main([*toy, "--seq", "64", "--steps", "3", "--json", str(out)]) == 0
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert {"host_cpu", "cores_usable", "tiktoken", "pyarrow", "date"} <= set(results["environment"])
+    reference, prepared, *batches = results["points"]
+    assert (reference["job"], prepared["job"], [b["job"] for b in batches]) == ("tiktoken", "prepare", ["batches"] * 2)
+    # The same text both ways (0.3 MB: two plays and part of a third), plus the <|endoftext|> prepare puts before
+    # each document.
+    assert prepared["text_bytes"] == reference["text_bytes"] and prepared["documents"] == 3
+    assert prepared["tokens"] == reference["tokens"] + prepared["documents"]
+    assert math.isclose(prepared["vs_tiktoken"], prepared["mb_per_s_per_worker"] / reference["mb_per_s"])
+    assert [(b["shards"], b["tokens_in_shards"]) for b in batches] == [(2, 100_000), (1, 50_000)]
+    for b in batches:
+        assert b["tokens_per_s"] > 0 and b["meets_goal"] == (b["tokens_per_s"] >= b["goal_tokens_per_s"] == 1e6)
+    printed = capsys.readouterr().out
+    assert "MB/s per worker" in printed and "tiktoken per core" in printed and "1M tok/s goal" in printed

@@ -21,6 +21,7 @@ SCRIPTS = {  # the command and how it is run without gpt2-jax
     "convert": ["-m", "gpt2_jax.convert"],
     "download": ["-m", "gpt2_jax.download"],
     "evaluate": ["-m", "gpt2_jax.evaluate"],
+    "prepare": ["-m", "gpt2_jax.prepare"],
     "serve": ["-m", "gpt2_jax.serve"],
     "bench": ["-m", "benchmarks"],
 }

@@ -110,6 +110,21 @@ def test_pretokenized_npy_and_bin(tok, tmp_path):
     np.testing.assert_array_equal(ds.train, ids)
 
 
+def test_token_files_are_read_chunk_by_chunk(tok, tmp_path, monkeypatch):
+    """Through the cache, token files are read in chunks (not mapped whole); every chunk is checked."""
+    monkeypatch.setattr(data_files, "TOKEN_CHUNK", 7)
+    ids = np.random.default_rng(0).integers(0, 50257, size=100)
+    (tmp_path / "d").mkdir()
+    np.save(tmp_path / "d" / "a.npy", ids.astype(">i8"))  # big-endian int64: converted, 15 chunks
+    (tmp_path / "d" / "b.bin").write_bytes(ids[:30].astype("<u2").tobytes())
+    np.testing.assert_array_equal(load(tmp_path / "d", tok).train, [*ids, EOT, *ids[:30]])
+    bad = ids.copy()
+    bad[95] = 60000
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(UserError, match="holds token id 60000"):
+        load(tmp_path / "bad.npy", tok)
+
+
 def test_large_vocabulary_uses_uint32(tok, tmp_path):
     ds = load(write(tmp_path / "a.txt", "wide ids"), CountingTokenizer(tok, n_vocab=70_000))
     assert ds.train.dtype == np.uint32

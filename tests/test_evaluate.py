@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from llmc_reference import write_datafile
 from reference import hf_model_from_params
 from tolerance import ulps
 
@@ -108,12 +111,18 @@ def test_text_file_loss_equals_pytorch_reference_with_identical_windowing(text_f
 DOCUMENTS = ["To be, or not to be, that is the question: " * 16, "Whether 'tis nobler in the mind to suffer " * 12]
 
 
-@pytest.mark.parametrize("extension", [".jsonl", ".csv", ".npy", ".bin"])
+@pytest.mark.parametrize("extension", [".jsonl", ".csv", ".parquet", ".npy", ".bin", "llm.c shards"])
 def test_every_dataset_format_train_takes_evaluates(tmp_path, capsys, params, model_dir, extension):
     tokenizer = gpt2_tokenizer()
     tokens = tokenizer.encode(DOCUMENTS[0]) + [tokenizer.eot_id] + tokenizer.encode(DOCUMENTS[1])
     data = tmp_path / f"docs{extension}"
-    if extension == ".jsonl":
+    if extension == "llm.c shards":  # a glob of two, read end to end as one stream
+        write_datafile(tmp_path / "docs_val_000000.bin", tokens[:100])
+        write_datafile(tmp_path / "docs_val_000001.bin", tokens[100:])
+        data = tmp_path / "docs_val_*.bin"
+    elif extension == ".parquet":
+        pq.write_table(pa.table({"id": [1, 2], "text": DOCUMENTS}), data)
+    elif extension == ".jsonl":
         data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS), encoding="utf-8")
     elif extension == ".csv":
         with open(data, "w", encoding="utf-8", newline="") as f:

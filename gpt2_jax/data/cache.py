@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gpt2_jax.io import pid_alive
+from gpt2_jax.io import StreamedFile, pid_alive
 from gpt2_jax.tokenizers.base import Tokenizer
 
 MAGIC = b"GPT2JAX-TOKENS1\n"
@@ -107,11 +107,10 @@ class CacheWriter:
 
     def __init__(self, path: str, key: str, dtype: np.dtype) -> None:
         self.path, self.key, self.dtype = path, key, np.dtype(dtype).newbyteorder("<")
-        self.temp_path = f"{path}.tmp-{os.getpid()}"
         self.n_tokens = 0
         self.committed = False
-        self._file = open(self.temp_path, "wb")
-        self._file.write(b"\0" * HEADER_BYTES)  # placeholder: the counts are known only at the end
+        self._file = StreamedFile(path, f"{path}.tmp-{os.getpid()}", HEADER_BYTES)  # the counts come at the end
+        self.temp_path = self._file.temp_path
 
     def write(self, tokens: np.ndarray) -> None:
         self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
@@ -122,23 +121,14 @@ class CacheWriter:
         text = json.dumps(header, separators=(",", ":")).encode("ascii")
         if len(MAGIC) + len(text) > HEADER_BYTES:
             raise ValueError(f"token cache header too long: {text!r}")
-        self._file.seek(0)
-        self._file.write(MAGIC + text.ljust(HEADER_BYTES - len(MAGIC), b" "))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.temp_path, self.path)
+        self._file.commit(MAGIC + text.ljust(HEADER_BYTES - len(MAGIC), b" "))
         self.committed = True
         _fsync_dir(os.path.dirname(self.path) or ".")
         _remove_stale(self.path)
         return np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(self.n_tokens,))
 
     def abort(self) -> None:
-        self._file.close()
-        try:
-            os.remove(self.temp_path)
-        except OSError:
-            pass
+        self._file.abort()
 
     def __enter__(self) -> CacheWriter:
         return self

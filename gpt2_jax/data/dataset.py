@@ -3,8 +3,9 @@
 `read_token_stream(path, tokenizer)` is a whole dataset as one token stream (what `evaluate` scores);
 `load_dataset(path, tokenizer)` is that stream split for training and validation. A path is a file, a folder
 (read recursively, in sorted path order, skipping hidden files and files of other types) or a glob
-(`'data/**/*.txt'`) of .txt/.md text, .jsonl (a "text" field per line), .csv (a "text" column, else the first) and
-pre-tokenized .npy/.bin token files; `files.py` reads them.
+(`'data/**/*.txt'`) of .txt/.md text, .jsonl (a "text" field per line), .csv (a "text" column, else the first),
+.parquet (a "text" column; `text_column` names another for these three) and pre-tokenized .npy/.bin token files;
+`files.py` reads them.
 
 Documents are joined by the tokenizer's real end-of-text token (id 50256 for GPT-2), added between documents
 (not where a pre-tokenized file already ends with it). A literal "<|endoftext|>" typed inside the text is NOT a
@@ -16,7 +17,9 @@ Tokenizing runs once, in parallel threads, with a progress bar on stderr; the to
 up to 65,536 ids) or uint32 cache file (see `cache.py`) beside the data: next to a file, inside a folder, in
 the glob's common folder, or in `cache_dir` (also the fallback, ~/.cache/gpt2_jax, when that place is read-only).
 The cache key hashes the files' paths and contents and the tokenizer's vocabulary, so a second run starts at once
-and an edited file is re-tokenized. A single pre-tokenized file already in the right dtype is mapped directly.
+and an edited file is re-tokenized. A single pre-tokenized file already in the right dtype is mapped directly, and
+so are llm.c shards (`shards.py`): however many a glob names, they are read end to end, in sorted order, as one
+stream (`TokenShards`), never copied; their ids are GPT-2's, so another tokenizer is refused.
 
 Validation: by default the last `val_fraction` of the token stream is held out, one contiguous block the training
 batches never touch (windows sampled from the training data would let a model memorise its data unnoticed);
@@ -36,7 +39,9 @@ from tqdm import tqdm
 
 from gpt2_jax.data import cache as token_cache
 from gpt2_jax.data import files as data_files
+from gpt2_jax.data import shards
 from gpt2_jax.data.files import TOKEN_EXTENSIONS, DatasetFiles, Piece, find_dataset_files
+from gpt2_jax.data.joining import Joiner, encode_group
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.tokenizers.base import Tokenizer
 
@@ -48,21 +53,23 @@ GROUP_CHARS: int | None = None  # text per encode_batch call (one progress updat
 class TokenStream:
     """One dataset path read whole: every document's tokens, joined by end-of-text, nothing held out."""
 
-    tokens: np.ndarray  # 1-D uint16 (n_vocab <= 65536) or uint32 token ids, usually a read-only memmap
-    n_documents: int  # files, jsonl lines, csv rows
+    tokens: np.ndarray | shards.TokenShards  # 1-D uint16 (n_vocab <= 65536) or uint32 ids, usually memory-mapped
+    n_documents: int  # files, jsonl lines, csv and parquet rows
     n_replaced_bytes: int  # invalid UTF-8 bytes replaced by U+FFFD
     source: str  # what was read, in words
     cache_path: str | None = None  # the token cache, when one was used
+    n_null_texts: int = 0  # parquet rows whose text was null, skipped
 
 
 @dataclasses.dataclass
 class TokenDataset:
-    train: np.ndarray  # 1-D uint16 (n_vocab <= 65536) or uint32 token ids, usually a read-only memmap
-    val: np.ndarray | None  # held-out tokens; None when val_fraction == 0 and no val_path
-    n_documents: int  # documents read (train and val together): files, jsonl lines, csv rows
+    train: np.ndarray | shards.TokenShards  # 1-D uint16 (n_vocab <= 65536) or uint32 ids, usually memory-mapped
+    val: np.ndarray | shards.TokenShards | None  # held-out tokens; None when val_fraction == 0 and no val_path
+    n_documents: int  # documents read (train and val together): files, jsonl lines, csv and parquet rows
     n_replaced_bytes: int  # invalid UTF-8 bytes replaced by U+FFFD
     source: str  # what was read, in words
     cache_path: str | None = None  # the token cache of `path`, when one was used
+    n_null_texts: int = 0  # parquet rows whose text was null, skipped (train and val together)
 
 
 def load_dataset(
@@ -74,6 +81,7 @@ def load_dataset(
     cache_dir: str | None = None,
     seq_len: int | None = None,
     progress: bool = True,
+    text_column: str | None = None,
 ) -> TokenDataset:
     """Tokens for training (and validation) from `path`; see the module docstring for formats, joining and caching.
 
@@ -84,12 +92,15 @@ def load_dataset(
         raise UsageError(f"--val_fraction must be at least 0 and below 1, got {val_fraction}.")
     if seq_len is not None and seq_len < 1:
         raise UsageError(f"--seq_len must be a positive number of tokens, got {seq_len}.")
-    stream = read_token_stream(path, tokenizer, cache_dir=cache_dir, progress=progress)
+    read = dict(cache_dir=cache_dir, progress=progress, text_column=text_column)
+    stream = read_token_stream(path, tokenizer, **read)
     tokens, n_docs, n_replaced, source = stream.tokens, stream.n_documents, stream.n_replaced_bytes, stream.source
+    n_null = stream.n_null_texts
     if val_path is not None:
         train = tokens
-        held = read_token_stream(val_path, tokenizer, cache_dir=cache_dir, progress=progress)
+        held = read_token_stream(val_path, tokenizer, **read, flag="--val_dataset")
         val, n_docs, n_replaced = held.tokens, n_docs + held.n_documents, n_replaced + held.n_replaced_bytes
+        n_null += held.n_null_texts
         source = f"{source}; validation: {held.source}"
     elif val_fraction > 0:
         n_val = max(1, round(len(tokens) * val_fraction))
@@ -101,8 +112,9 @@ def load_dataset(
     if progress:
         held = f", {len(val):,} held out for validation" if val is not None else ""
         fixed = f", {n_replaced:,} invalid UTF-8 bytes replaced" if n_replaced else ""
-        print(f"dataset: {source}: {len(train):,} training tokens{held}{fixed}", file=sys.stderr)
-    return TokenDataset(train, val, n_docs, n_replaced, source, stream.cache_path)
+        nulls = f", {n_null:,} null texts skipped" if n_null else ""
+        print(f"dataset: {source}: {len(train):,} training tokens{held}{fixed}{nulls}", file=sys.stderr)
+    return TokenDataset(train, val, n_docs, n_replaced, source, stream.cache_path, n_null)
 
 
 def _check_long_enough(train, val, seq_len, path, val_path, val_fraction) -> None:
@@ -130,15 +142,18 @@ def read_token_stream(
     cache_dir: str | None = None,
     progress: bool = True,
     flag: str = "--dataset",
+    text_column: str | None = None,
 ) -> TokenStream:
     """The whole dataset at `path` as one token stream (see the module docstring for formats, joining, caching).
 
     `progress` shows the tokenizing bar on stderr; `flag` is the command-line flag that named `path`, for the
-    error sentences.
+    error sentences; `text_column` the field or column of .jsonl, .csv and .parquet files that holds the text.
     """
     files = find_dataset_files(path)
     source = path if len(files.paths) == 1 else f"{path} ({len(files.paths)} files)"
     dtype = np.dtype(np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32)
+    if data_files.are_shards(files, flag):
+        return TokenStream(_mapped_shards(files.paths, tokenizer), len(files.paths), 0, source)
     if len(files.paths) == 1 and data_files.extension(files.paths[0]) in TOKEN_EXTENSIONS:
         tokens = data_files.open_token_file(files.paths[0], tokenizer.n_vocab)
         if tokens.dtype == dtype:  # already what training reads: map it, no copy
@@ -147,15 +162,17 @@ def read_token_stream(
                 raise UserError(f"Dataset file {path} holds no tokens; point {flag} at a non-empty file.")
             return TokenStream(tokens, 1, 0, source)
     tag = token_cache.tokenizer_tag(tokenizer)
-    key = token_cache.content_key(
-        files.paths, files.root, f"{READER_VERSION}|{dtype.name}|{token_cache.tokenizer_fingerprint(tokenizer)}"
-    )
+    salt = f"{READER_VERSION}|{dtype.name}|{token_cache.tokenizer_fingerprint(tokenizer)}"
+    if text_column is not None:  # only then: caches made before the flag existed stay valid
+        salt += f"|column={text_column}"
+    key = token_cache.content_key(files.paths, files.root, salt)
     places = _cache_places(files, tag, key, cache_dir)
     for cache_path in places:
         cached = token_cache.read_cache(cache_path, key)
         if cached is not None:
             tokens, header = cached
-            return TokenStream(tokens, header["n_documents"], header["n_replaced_bytes"], source, cache_path)
+            n_null = header.get("n_null_texts", 0)
+            return TokenStream(tokens, header["n_documents"], header["n_replaced_bytes"], source, cache_path, n_null)
     for cache_path in places:
         try:
             os.makedirs(os.path.dirname(cache_path), exist_ok=True)
@@ -164,16 +181,16 @@ def read_token_stream(
             continue  # read-only data folder: try the next place
         with writer:
             try:
-                n_docs, n_replaced = _tokenize_into(writer, files, tokenizer, progress)
+                n_docs, n_replaced, n_null = _tokenize_into(writer, files, tokenizer, progress, text_column)
                 if writer.n_tokens == 0:
                     raise UserError(
                         f"Dataset {path} holds no text: {len(files.paths)} file(s) read, 0 tokens; "
                         f"add text or point {flag} elsewhere."
                     )
-                tokens = writer.commit(n_documents=n_docs, n_replaced_bytes=n_replaced)
+                tokens = writer.commit(n_documents=n_docs, n_replaced_bytes=n_replaced, n_null_texts=n_null)
             except OSError as e:  # reading errors are UserErrors already: this is the cache's disk
                 raise UserError(f"Cannot write the token cache {cache_path}: {e.strerror or e}; free space there.")
-        return TokenStream(tokens, n_docs, n_replaced, source, cache_path)
+        return TokenStream(tokens, n_docs, n_replaced, source, cache_path, n_null)
     raise UserError(f"No writable folder for the token cache of {path} (tried {', '.join(places)}); pass cache_dir.")
 
 
@@ -186,51 +203,32 @@ def _cache_places(files: DatasetFiles, tag: str, key: str, cache_dir: str | None
     return [far] if cache_dir else [os.path.join(files.root, token_cache.cache_name(files.stem, tag, key)), far]
 
 
+def _mapped_shards(shard_files: list[str], tokenizer: Tokenizer) -> np.ndarray | shards.TokenShards:
+    """llm.c shards, memory-mapped and read end to end (no cache: they are tokens already, and may be many GB)."""
+    shards.require_gpt2(tokenizer, shard_files[0])
+    parts = [shards.open_shard(f) for f in shard_files]  # every header checked before training starts
+    return parts[0] if len(parts) == 1 else shards.TokenShards(parts)
+
+
 def _tokenize_into(
-    writer: token_cache.CacheWriter, files: DatasetFiles, tokenizer: Tokenizer, progress: bool
-) -> tuple[int, int]:
-    """Read every file, tokenize in parallel, append to `writer`; returns (n_documents, n_replaced_bytes)."""
+    writer: token_cache.CacheWriter, files: DatasetFiles, tokenizer: Tokenizer, progress: bool, text_column: str | None
+) -> tuple[int, int, int]:
+    """Read every file, tokenize in parallel, append to `writer`; returns (documents, replaced bytes, null texts)."""
     can_cut = data_files.cuts_are_exact(tokenizer)
     total = sum(os.path.getsize(f) for f in files.paths)
     desc = f"tokenizing {files.stem}"
     data_files.reset_replaced_count()
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr) as bar:
-        pieces = (piece for f in files.paths for piece in data_files.read_file(f, tokenizer.n_vocab, can_cut))
+        pieces = (p for f in files.paths for p in data_files.read_file(f, tokenizer.n_vocab, can_cut, text_column))
         n_docs = _encode_pieces(pieces, tokenizer, writer, bar)
-    return n_docs, data_files.replaced_count()
+    return n_docs, data_files.replaced_count(), data_files.null_count()
 
 
 def _encode_pieces(pieces: Iterator[Piece], tokenizer: Tokenizer, writer: token_cache.CacheWriter, bar: tqdm) -> int:
     """Encode text pieces in parallel batches, in order, with the end-of-text id between documents."""
-    eot = np.array([tokenizer.eot_id], writer.dtype)
     threads = min(32, os.cpu_count() or 1)
-    group_chars = GROUP_CHARS or 2 * threads * data_files.CHUNK_CHARS
-    group: list[str | np.ndarray] = []
-    chars = n_bytes = n_docs = 0
-    ends_with_eot = True  # nothing is written before the first document, so it gets no separator
-    pending_start = False
-
-    def flush() -> None:
-        texts = [p for p in group if isinstance(p, str)]
-        encoded = iter(tokenizer.encode_batch(texts, num_threads=threads) if texts else [])
-        for p in group:
-            writer.write(np.asarray(next(encoded), writer.dtype) if isinstance(p, str) else p)
-        bar.update(n_bytes)
-
-    for starts_document, payload, size in pieces:
-        pending_start |= starts_document
-        n_bytes += size
-        if len(payload):
-            if pending_start:
-                n_docs += 1
-                if not ends_with_eot:
-                    group.append(eot)
-                pending_start = False
-            group.append(payload)
-            chars += len(payload)
-            ends_with_eot = not isinstance(payload, str) and int(payload[-1]) == tokenizer.eot_id
-        if chars >= group_chars or len(group) >= 4096:
-            flush()
-            group, chars, n_bytes = [], 0, 0
-    flush()
-    return n_docs
+    joiner = Joiner(tokenizer.eot_id, writer.dtype, GROUP_CHARS or 2 * threads * data_files.CHUNK_CHARS)
+    for group in joiner.groups(pieces):
+        writer.write(encode_group(group, tokenizer, writer.dtype, threads))
+        bar.update(group.n_bytes)
+    return joiner.n_documents

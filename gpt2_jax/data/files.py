@@ -5,12 +5,15 @@ types are skipped) or a glob (`'data/**/*.txt'`). Formats:
   .txt .md   plain text, one document per file
   .jsonl     one document per line, from its "text" field
   .csv       one document per row, from the "text" column, else the first column (the first row is the header)
+  .parquet   one document per row, from the "text" column (parquet.py); a null text is skipped and counted
   .npy       a 1-D integer array of token ids (one document)
-  .bin       raw little-endian uint16 token ids, as nanoGPT's prepare.py writes them (one document)
+  .bin       an llm.c shard (shards.py: header, then uint16 GPT-2 ids), else raw little-endian uint16 token ids as
+             nanoGPT's prepare.py writes them (one document)
+`text_column` names another field, column or parquet column for the text of .jsonl, .csv and .parquet files.
 
 Readers yield pieces `(starts_document, text or token ids, file bytes accounted for)`. Bytes that are not valid
-UTF-8 become U+FFFD and are counted (`replaced_count`), as are lone surrogates from JSON escapes (`"\\ud800"`); a
-UTF-8 byte-order mark at the start of a file is dropped.
+UTF-8 become U+FFFD and are counted (`replaced_count`, and `null_count` for parquet's null texts), as are lone
+surrogates from JSON escapes (`"\\ud800"`); a UTF-8 byte-order mark at the start of a file is dropped.
 Long texts are streamed and cut into pieces only where the tokenizer's output does not change (`cuts_are_exact`),
 so tokenizing the pieces in parallel gives exactly the tokens of the whole document.
 """
@@ -31,13 +34,15 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from gpt2_jax.data import shards
+from gpt2_jax.data.parquet import parquet_batches
 from gpt2_jax.errors import UserError
 from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.unicode import repair_json
 
 TEXT_EXTENSIONS = (".txt", ".md")
 TOKEN_EXTENSIONS = (".npy", ".bin")
-EXTENSIONS = (*TEXT_EXTENSIONS, ".jsonl", ".csv", *TOKEN_EXTENSIONS)
+EXTENSIONS = (*TEXT_EXTENSIONS, ".jsonl", ".csv", ".parquet", *TOKEN_EXTENSIONS)
 CHUNK_CHARS = 1 << 18  # long documents are cut into pieces of about this size so threads share the work
 READ_BYTES = 1 << 22
 TOKEN_CHUNK = 1 << 24
@@ -82,6 +87,18 @@ def find_dataset_files(path: str) -> DatasetFiles:
     raise UserError(f"Dataset path {path} does not exist; pass a text file, a folder or a glob such as 'data/*.txt'.")
 
 
+def are_shards(files: DatasetFiles, flag: str) -> bool:
+    """Whether the dataset is llm.c shards, which are read end to end as they are; they cannot be mixed with other
+    files, which would be joined to them as documents."""
+    found = [extension(f) == ".bin" and shards.is_shard(f) for f in files.paths]
+    if any(found) and not all(found):
+        other = files.paths[found.index(False)]
+        raise UserError(
+            f"{flag} names llm.c shards and other files ({other}); name the shards alone, e.g. 'DIR/*_train_*.bin'."
+        )
+    return all(found)
+
+
 def _walk(folder: str) -> list[str]:
     found = []
     for parent, dirs, names in os.walk(folder):
@@ -103,16 +120,21 @@ def _ext_list() -> str:
 
 
 # --- reading files ------------------------------------------------------------------------------------------
-_replaced = threading.local()  # invalid UTF-8 bytes replaced while reading, per thread
+_replaced = threading.local()  # invalid UTF-8 bytes replaced and null texts skipped while reading, per thread
 
 
 def reset_replaced_count() -> None:
-    _replaced.count = 0
+    _replaced.count = _replaced.nulls = 0
 
 
 def replaced_count() -> int:
     """Invalid UTF-8 bytes this thread replaced since `reset_replaced_count()`."""
     return getattr(_replaced, "count", 0)
+
+
+def null_count() -> int:
+    """Null texts (parquet) this thread skipped since `reset_replaced_count()`."""
+    return getattr(_replaced, "nulls", 0)
 
 
 def _count_and_replace(error: UnicodeError) -> tuple[str, int]:
@@ -126,23 +148,37 @@ codecs.register_error("gpt2_jax_count_replace", _count_and_replace)
 _DECODE_ERRORS = "gpt2_jax_count_replace"
 
 
-def read_file(path: str, n_vocab: int, can_cut: bool) -> Iterator[Piece]:
+def read_file(path: str, n_vocab: int, can_cut: bool, text_column: str | None = None) -> Iterator[Piece]:
     ext = extension(path)
     try:
         if ext in TEXT_EXTENSIONS:
             yield from _read_text(path, can_cut)
         elif ext == ".jsonl":
-            yield from _read_jsonl(path, can_cut)
+            yield from _read_jsonl(path, can_cut, text_column or "text")
         elif ext == ".csv":
-            yield from _read_csv(path, can_cut)
+            yield from _read_csv(path, can_cut, text_column)
+        elif ext == ".parquet":
+            yield from _read_parquet(path, can_cut, text_column)
         else:
-            tokens = open_token_file(path, n_vocab)
-            check_ids(tokens, path, n_vocab)
-            for start in range(0, len(tokens), TOKEN_CHUNK):
-                chunk = np.asarray(tokens[start : start + TOKEN_CHUNK])
-                yield start == 0, chunk, chunk.nbytes * os.path.getsize(path) // max(1, tokens.nbytes)
+            yield from _read_tokens(path, n_vocab)
     except OSError as e:
         raise UserError(f"Cannot read dataset file {path}: {e.strerror or e}.")
+
+
+def _read_tokens(path: str, n_vocab: int) -> Iterator[Piece]:
+    """A token file in chunks of TOKEN_CHUNK ids, each read and checked in turn. Read, not memory-mapped: the pages
+    of a mapping stay in this process's resident memory until the whole file is done, and a file can be many GB."""
+    tokens = open_token_file(path, n_vocab)  # the memmap gives the dtype, offset and length; no page is read
+    n, size = len(tokens), os.path.getsize(path)
+    # llm.c shards cut documents anywhere and carry their own end-of-text tokens: a shard continues the stream of
+    # the one before it, so no separator may go between them.
+    document = not (extension(path) == ".bin" and shards.is_shard(path))
+    with open(path, "rb") as f:
+        f.seek(getattr(tokens, "offset", 0))
+        for start in range(0, n, TOKEN_CHUNK):
+            chunk = np.fromfile(f, tokens.dtype, count=min(TOKEN_CHUNK, n - start))
+            check_ids(chunk, path, n_vocab)
+            yield document and start == 0, chunk, chunk.nbytes * size // max(1, tokens.nbytes)
 
 
 def _read_text(path: str, can_cut: bool) -> Iterator[Piece]:
@@ -162,7 +198,7 @@ def _read_text(path: str, can_cut: bool) -> Iterator[Piece]:
     yield starts, carry, 0
 
 
-def _read_jsonl(path: str, can_cut: bool) -> Iterator[Piece]:
+def _read_jsonl(path: str, can_cut: bool, field: str) -> Iterator[Piece]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8", errors=_DECODE_ERRORS)
@@ -173,15 +209,18 @@ def _read_jsonl(path: str, can_cut: bool) -> Iterator[Piece]:
                 record = json.loads(line)
             except ValueError:
                 raise UserError(f"Line {number} of {path} is not valid JSON; fix or delete it.")
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UserError(f'Line {number} of {path} has no "text" string; write each line as {{"text": "..."}}.')
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise UserError(
+                    f"Line {number} of {path} has no {json.dumps(field)} string; write each line as "
+                    f'{{{json.dumps(field)}: "..."}} or name the text field with --text_column.'
+                )
             # A "\ud800" escape is valid JSON but no Unicode: each lone surrogate counts as one replaced byte.
-            text, surrogates = repair_json(record["text"])
+            text, surrogates = repair_json(record[field])
             _replaced.count = getattr(_replaced, "count", 0) + surrogates
             yield from _cut_document(text, can_cut, len(raw))
 
 
-def _read_csv(path: str, can_cut: bool) -> Iterator[Piece]:
+def _read_csv(path: str, can_cut: bool, column_name: str | None) -> Iterator[Piece]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents can be long; csv's default cap is 128 KB
     with open(path, encoding="utf-8-sig", errors=_DECODE_ERRORS, newline="") as f:
         try:
@@ -189,6 +228,13 @@ def _read_csv(path: str, can_cut: bool) -> Iterator[Piece]:
             header = next(rows, [])
             names = [h.strip().lower() for h in header]
             column = names.index("text") if "text" in names else 0
+            if column_name is not None:
+                if column_name.strip().lower() not in names:
+                    raise UserError(
+                        f"CSV file {path} has no column {column_name!r} (its header: {', '.join(header[:12])}); "
+                        "check --text_column."
+                    )
+                column = names.index(column_name.strip().lower())
             done = 0
             for row in rows:
                 position = f.buffer.tell()
@@ -196,6 +242,16 @@ def _read_csv(path: str, can_cut: bool) -> Iterator[Piece]:
                 done = position
         except csv.Error as e:
             raise UserError(f"{path} is not a readable CSV file ({e}); fix it or save it again as CSV.")
+
+
+def _read_parquet(path: str, can_cut: bool, column: str | None) -> Iterator[Piece]:
+    for texts, size in parquet_batches(path, column):
+        for raw in texts:
+            if raw is None:
+                _replaced.nulls = null_count() + 1
+            else:
+                yield from _cut_document(raw.decode("utf-8", errors=_DECODE_ERRORS), can_cut, 0)
+        yield False, "", size  # progress only
 
 
 def _cut_document(text: str, can_cut: bool, size: int) -> Iterator[Piece]:
@@ -240,8 +296,10 @@ def cuts_are_exact(tokenizer: Tokenizer) -> bool:
 
 
 def open_token_file(path: str, n_vocab: int) -> np.ndarray:
-    """A pre-tokenized file as a read-only memmap: .npy (1-D integers) or .bin (raw uint16)."""
+    """A pre-tokenized file as a read-only memmap: .npy (1-D integers), .bin (an llm.c shard, else raw uint16)."""
     if extension(path) == ".bin":
+        if shards.is_shard(path):
+            return shards.open_shard(path)
         size = os.path.getsize(path)
         if size % 2:
             raise UserError(f"{path} has an odd number of bytes; a .bin dataset is raw uint16 token ids (nanoGPT).")

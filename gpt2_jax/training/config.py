@@ -38,6 +38,9 @@ class TrainConfig:
         None, "separate validation dataset", type=str, shown="hold out --val_fraction of --dataset"
     )
     val_fraction: float = _opt(0.05, "fraction of the dataset's tokens held out for validation", type=float)
+    text_column: str | None = _opt(
+        None, "field or column that holds the text in .jsonl, .csv and .parquet files", type=str, shown="text"
+    )
     # --- where
     run_name: str = _opt("run1", "run directory name under runs/", type=str)
     out: str | None = _opt(None, "run directory path", type=str, shown="runs/RUN_NAME")

@@ -149,7 +149,7 @@ def build_fresh_model(cfg: TrainConfig, dtype: str, dataset_path: str) -> tuple[
         preset = scratch_preset(cfg.init)
         if cfg.tokenizer == "sentencepiece":
             with tempfile.TemporaryDirectory() as tmp:
-                tokenizer = train_sentencepiece(_dataset_texts(dataset_path), cfg.vocab_size, tmp)
+                tokenizer = train_sentencepiece(_dataset_texts(dataset_path, cfg.text_column), cfg.vocab_size, tmp)
             vocab = f"a new {tokenizer.n_vocab}-piece SentencePiece vocabulary"
         else:
             tokenizer, vocab = gpt2_tokenizer(), "GPT-2's vocabulary"
@@ -183,10 +183,16 @@ def continued_lora(model_dir: Path, lora_config: LoraConfig | None) -> LoraRecor
     return record._replace(lora=lora_config) if record else None
 
 
-def _dataset_texts(path: str) -> Iterator[str]:
+def _dataset_texts(path: str, text_column: str | None) -> Iterator[str]:
     """The dataset's text documents, for training a SentencePiece vocabulary on them."""
     files = data_files.find_dataset_files(path)
-    return (p for f in files.paths for _, p, _ in data_files.read_file(f, 1 << 32, False) if isinstance(p, str))
+    if data_files.are_shards(files, "--dataset"):
+        raise UsageError(
+            "--tokenizer sentencepiece learns a vocabulary from text, but --dataset names llm.c shards, which hold "
+            "GPT-2's token ids already; leave --tokenizer at gpt2."
+        )
+    pieces = (piece for f in files.paths for piece in data_files.read_file(f, 1 << 32, False, text_column))
+    return (text for _, text, _ in pieces if isinstance(text, str))
 
 
 def compute_settings(config: GPT2Config, cfg: TrainConfig, dtype: str) -> GPT2Config:
@@ -216,7 +222,12 @@ def _load_dataset_once(path: str, tokenizer: Tokenizer, cfg: TrainConfig) -> Tok
 
     def load() -> TokenDataset:
         return load_dataset(
-            path, tokenizer, val_fraction=cfg.val_fraction, val_path=cfg.val_dataset, seq_len=cfg.seq_len
+            path,
+            tokenizer,
+            val_fraction=cfg.val_fraction,
+            val_path=cfg.val_dataset,
+            seq_len=cfg.seq_len,
+            text_column=cfg.text_column,
         )
 
     if jax.process_count() == 1:
