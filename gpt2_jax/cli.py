@@ -29,6 +29,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 
     `--debug` on the command line (or GPT2_JAX_DEBUG=1) lets the traceback through instead.
     """
+    utf8_streams()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("GPT2_JAX_DEBUG") == "1"
     try:
@@ -52,6 +53,14 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def utf8_streams() -> None:
+    """Output in UTF-8 whatever the console's encoding, with anything unencodable (a lone surrogate in a path from
+    argv) replaced rather than raised; undecodable input bytes kept, to be counted where they are read."""
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "replace"), (sys.stderr, "replace")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors=errors)
 
 
 def describe_os_error(error: OSError) -> str:

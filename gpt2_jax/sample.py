@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,13 +129,6 @@ class Printer:
             print(s.text, flush=True)
 
 
-def utf8_streams() -> None:
-    """Output in UTF-8 whatever the console's encoding; undecodable input bytes kept, to be counted in `repaired`."""
-    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "replace"), (sys.stderr, "replace")):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(encoding="utf-8", errors=errors)
-
-
 def load_sampler(model: str | None, dtype: str | None) -> Sampler:
     from gpt2_jax.sampling.sampler import Sampler  # JAX is imported here, after the flags are known to be good
     from gpt2_jax.weights.loading import load_model
@@ -190,7 +182,6 @@ def interactive(run: Callable[[str], None]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    utf8_streams()
     args = build_parser().parse_args(argv)
     check_flags(args)
     # The prompt is read (and a bad --prompt_file refused) before the model, which can take a while to load.

@@ -146,3 +146,10 @@ def test_no_module_imports_from_a_later_layer():
         if layer(target) > layer(module)
     ]
     assert upward == []
+
+
+def test_prompts_that_are_not_valid_unicode_are_repaired_not_raised():
+    """Lone surrogates handed to the Python API (no encoder takes them) sample like U+FFFD would."""
+    sampler = gpt2_jax.Sampler.from_model(gpt2_jax.load_model("scratch:tiny"))
+    bad = sampler.generate(["a\ud800b\udcff"], length=3, temperature=0)[0][0]
+    assert bad == sampler.generate(["a\ufffdb\ufffd"], length=3, temperature=0)[0][0]

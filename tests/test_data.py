@@ -172,6 +172,14 @@ def test_invalid_utf8_is_replaced_and_counted(tok, tmp_path):
     assert load(tmp_path / "bad.txt", tok).n_replaced_bytes == 4  # remembered by the cache
 
 
+def test_lone_surrogates_in_jsonl_are_replaced_and_counted(tok, tmp_path):
+    """A "\\ud800" escape is valid JSON that no tokenizer can encode: U+FFFD, counted with the bad bytes."""
+    write(tmp_path / "s.jsonl", b'{"text": "a\\ud800b \\udfff"}\n{"text": "caf\\u00e9 \xff"}\n')
+    ds = load(tmp_path / "s.jsonl", tok)
+    assert ds.n_replaced_bytes == 3
+    np.testing.assert_array_equal(ds.train, [*tok.encode("a\ufffdb \ufffd"), EOT, *tok.encode("café \ufffd")])
+
+
 def test_long_documents_cut_for_threads_give_the_same_tokens(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(data_files, "CHUNK_CHARS", 50)
     monkeypatch.setattr(data_files, "READ_BYTES", 64)

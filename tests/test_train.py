@@ -243,3 +243,12 @@ def test_cli_help_documents_every_flag_and_bad_flags_exit_2():
         [sys.executable, "train.py", "--steps", "-1"], cwd=ROOT, capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --steps must be at least 1, got -1."
+
+
+def test_a_sample_prompt_with_bytes_that_are_not_utf8_is_repaired_and_counted(capsys):
+    from gpt2_jax.training.config import repair_text_flags
+
+    values = {"sample_prompt": "ab\udcffc"}  # how argv holds the byte 0xff
+    repair_text_flags(values)
+    assert values["sample_prompt"] == "ab\ufffdc"
+    assert "1 invalid UTF-8 byte(s) in --sample_prompt were replaced" in capsys.readouterr().err

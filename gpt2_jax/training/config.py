@@ -18,10 +18,12 @@ from typing import Any
 
 from gpt2_jax.cli import ArgumentParser
 from gpt2_jax.config import is_scratch
+from gpt2_jax.console import warn
 from gpt2_jax.errors import UsageError
 from gpt2_jax.hints import command_for
 from gpt2_jax.model.lora import DEFAULT_TARGETS, TARGETS, LoraConfig, parse_targets
 from gpt2_jax.training.tracking import check_trackers
+from gpt2_jax.unicode import repair_decoded
 
 
 def _opt(default: Any, help: str, *, type: Any = None, choices: tuple[str, ...] | None = None, shown: str = ""):
@@ -246,6 +248,15 @@ POSITIVE = (
 )
 NON_NEGATIVE = ("warmup_steps", "val_every", "val_batches", "sample_every", "sample_num", "save_every", "seed",
                 "weight_decay", "grad_clip", "lora_rank")  # fmt: skip
+
+
+def repair_text_flags(values: dict[str, Any]) -> None:
+    """--sample_prompt with each byte that was not UTF-8 (argv keeps them as lone surrogates) as U+FFFD, counted:
+    the prompt is written into sample files and trackers, whose encoders would refuse the surrogates."""
+    if values.get("sample_prompt"):
+        values["sample_prompt"], bad = repair_decoded(values["sample_prompt"])
+        if bad:
+            warn(f"{bad} invalid UTF-8 byte(s) in --sample_prompt were replaced by U+FFFD.")
 
 
 def check_ranges(values: dict[str, Any]) -> None:
