@@ -28,8 +28,10 @@ from benchmarks import report, suite
 from benchmarks import serve as serve_bench
 from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.config import get_config
+from gpt2_jax.data.cache import default_cache_dir
 from gpt2_jax.errors import UsageError
 from gpt2_jax.hints import command_for
+from gpt2_jax.xla_cpu import use_training_flags
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -170,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.suite == "scaling" and args.job is None:
         use_host_devices(suite.SCALING_HOST_DEVICES, log)  # before anything starts JAX's backends
     sweeps = build_sweeps(args)
+    if any(sweep.job == "train" for sweep in sweeps):  # train.py's XLA:CPU flags, so its ratios are train.py's
+        use_training_flags(default_cache_dir())
     env = report.environment()
     log(report.describe_environment(env))
     compare = args.compare == "pytorch" and pytorch_available(log)

@@ -29,11 +29,14 @@ def bundled_corpus() -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from gpt2_jax.compile_cache import use_compile_cache
+    from gpt2_jax.data.cache import default_cache_dir
     from gpt2_jax.training.config import build_parser, check_ranges, explicit_flags, repair_text_flags
+    from gpt2_jax.xla_cpu import use_training_flags
 
     explicit = explicit_flags(build_parser().parse_args(argv))
     repair_text_flags(explicit)
     check_ranges(explicit)  # flags out of range fail before jax is even imported
+    use_training_flags(default_cache_dir())  # XLA reads its flags when its first backend starts: before that
     use_compile_cache(not explicit.get("no_compile_cache"))
     if explicit.get("distributed"):
         from gpt2_jax.training.distributed import initialize
