@@ -27,7 +27,7 @@ def available_cores() -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m gpt2_jax.prepare", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=command_for("prepare"), description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="dataset: a file, folder or glob of any format train.py --dataset reads")
     parser.add_argument("out_dir", help="folder for the shards and manifest.json (created)")
     parser.add_argument("--name", help="shard name prefix: NAME_val_000000.bin, NAME_train_000001.bin, ... "

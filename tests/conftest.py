@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# train.py turns on XLA:CPU flags of its own before JAX starts (gpt2_jax/xla_cpu.py); this process's JAX has started
+# without them, so the suite's train.py subprocesses leave them off too and every comparison between an in-process
+# run and a subprocess compares the same arithmetic. tests/test_xla_cpu.py trains with them on.
+os.environ["GPT2_JAX_XLA_DEFAULTS"] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -66,7 +66,7 @@ def test_config_generation_defaults_and_card(exported):
     card = ModelCard.load(exported / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert card.data.base_model is None and card.data.eval_results is None  # random weights: nothing to tell
-    assert "3,324,736 parameters" in card.text and "preset tiny" in card.text
+    assert "3,324,736 parameters" in card.text and "tiny with random weights" in card.text
 
 
 def _fake_run(run: Path, params, config, tokenizer) -> None:

@@ -80,7 +80,8 @@ def test_a_hub_id_is_downloaded_into_the_cache_once_then_read_offline(hub, expor
     online = load_in_a_new_process(tmp_path, REPO, "someone/missing", HF_ENDPOINT=hub.url)
     assert online[0] == {"source": f"Hugging Face Hub model {REPO}", "wte": wte_corner(exported)}
     assert online[1]["error"].startswith(
-        "No model at someone/missing: no such file or directory, not a preset name, and the Hugging Face Hub has no "
+        "No model at someone/missing: no such file or directory, not a released GPT-2's name or scratch:NAME, and the "
+        "Hugging Face Hub has no "
         "model someone/missing"
     )
     [snapshot] = (tmp_path / "hub" / "models--someone--tiny-gpt2" / "snapshots").iterdir()

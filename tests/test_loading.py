@@ -170,9 +170,30 @@ def test_native_model_and_training_run_directories(tmp_path, capsys):
     gc.collect()  # collect orbax's leftover callback here, where its warning is filtered
 
 
+def test_a_bare_shape_name_is_refused_with_the_scratch_name_to_use(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny", "mini"):
+        with pytest.raises(UserError, match=rf"^{name} is a model shape, not trained weights; name it scratch:{name}"):
+            load_model(name)
+    with pytest.raises(UserError, match=r"Unknown model shape 'scratch:huge'.*scratch:tiny"):
+        load_model("scratch:huge")
+
+
+def test_a_release_name_reads_its_weights_from_models(tmp_path, monkeypatch):
+    """gpt2 is OpenAI's 124M wherever it lies here: models/124M (OpenAI's files) or models/gpt2 (the Hub's)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match=r"gpt2 names OpenAI's released GPT-2 124M.*download 124M"):
+        load_model("gpt2")
+    shutil.copytree(FIXTURE / "hf", tmp_path / "models" / "gpt2")  # a stand-in: any model of the right layout
+    for name in ("gpt2", "124M", "117M"):
+        assert load_model(name).source.endswith(str(Path("models") / "gpt2"))
+
+
 def test_preset_gives_random_weights_and_the_gpt2_tokenizer():
     model = load_model("scratch:tiny", seed=3, dtype="bfloat16")
-    assert model.source == "preset tiny (random weights, seed 3)" and model.tokenizer.n_vocab == 50257
+    assert model.source == "tiny with random weights (seed 3)" and model.tokenizer.n_vocab == 50257
     assert model.config.dtype == "bfloat16" and model.params["wte"].dtype == np.float32
     assert model.params["wte"].shape == (50257, 64) and 0.015 < float(np.std(model.params["wte"])) < 0.025
     assert default_compute_dtype() == "float32"  # on this CPU
@@ -185,7 +206,7 @@ def _expect_one_sentence(path, match: str) -> None:
 
 
 def test_bad_inputs_are_one_clear_sentence(tmp_path):
-    _expect_one_sentence(tmp_path / "nope", "no such file or directory, and not a preset name")
+    _expect_one_sentence(tmp_path / "nope", "no such file or directory, and not a released GPT-2's name")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hello")
     _expect_one_sentence(tmp_path / "junk", "holds no model this loader knows")

@@ -59,10 +59,10 @@ def test_targets_flag_names_each_c_proj_apart():
     with pytest.raises(UsageError, match="c_proj"):
         lora.parse_targets("c_proj")  # which one? the flag makes the user say
     with pytest.raises(UsageError, match="only apply to LoRA"):
-        resolve({"init": "scratch:tiny", "lora_alpha": 16.0})
+        resolve({"init": "models/base", "lora_alpha": 16.0})
     with pytest.raises(UsageError, match="scratch"):
         resolve({"init": "scratch:tiny", "lora_rank": 8})
-    assert resolve({"init": "scratch:tiny", "lora_rank": 8}).lora() == LoraConfig(8, 8.0, ("c_attn",))
+    assert resolve({"init": "models/base", "lora_rank": 8}).lora() == LoraConfig(8, 8.0, ("c_attn",))
 
 
 def test_merged_weights_equal_base_plus_scaled_ba_and_the_adapted_forward(base_params):

@@ -87,20 +87,15 @@ def test_lora_run_over_two_processes_trains_like_one(corpus, tmp_path):
     from test_distributed import losses, run_one, run_processes, train_args
 
     from gpt2_jax.weights.loading import load_model
+    from gpt2_jax.weights.native import save_native_model
 
-    # The preset's random weights as the base (a later --init overrides train_args' scratch:tiny).
-    lora = [
-        "--init",
-        "scratch:tiny",
-        "--lora_rank",
-        "4",
-        "--lora_targets",
-        "all",
-        "--dropout",
-        "0.1",
-        "--lora_dropout",
-        "0.1",
-    ]
+    # Random weights saved as a model: LoRA adapts a trained model, so it refuses scratch:NAME itself.
+    base = tmp_path / "base"
+    base.mkdir()
+    model = load_model("scratch:tiny")
+    save_native_model(base, model.params, model.config, model.tokenizer)
+    lora = ["--init", str(base), "--lora_rank", "4", "--lora_targets", "all", "--dropout", "0.1"]
+    lora += ["--lora_dropout", "0.1"]
     a, b = tmp_path / "a", tmp_path / "b"
     run_one([*train_args(corpus, a, 4), *lora], devices=4)
     results = run_processes([*train_args(corpus, b, 4), *lora, "--sharding", "fsdp", "--sample_num", "1",

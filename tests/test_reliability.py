@@ -164,8 +164,8 @@ def processes(tmp_path_factory, corpus) -> dict[str, tuple[int, str, str]]:
     ("name", "code", "pattern"),
     [
         ("train_batch_vs_devices", 2, r"--batch_size 3 must be divisible by devices x accumulate_gradients = 2 x 1"),
-        ("train_unparsable_flag", 2, r"argument --steps: invalid int value: 'abc'; see train.py --help\."),
-        ("convert_bad_flag", 2, r"argument --to: invalid choice: 'onnx'.*; see python -m gpt2_jax.convert --help\."),
+        ("train_unparsable_flag", 2, r"argument --steps: invalid int value: 'abc'; see \S+ train.py --help\."),
+        ("convert_bad_flag", 2, r"argument --to: invalid choice: 'onnx'.*; see \S+ -m gpt2_jax.convert --help\."),
         ("evaluate_unknown_format", 1, r"tokens\.npz has an extension this reader does not know; use \.txt"),
         ("download_bad_flag", 2, r"argument --source: invalid choice: 'ftp'"),
         ("benchmarks_bad_flag", 2, r"argument --batch: expected comma-separated whole numbers"),
