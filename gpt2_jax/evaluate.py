@@ -33,6 +33,7 @@ from gpt2_jax.console import note
 from gpt2_jax.data.dataset import read_token_stream
 from gpt2_jax.data.files import find_dataset_files
 from gpt2_jax.errors import UsageError, UserError
+from gpt2_jax.precision import DEFAULT_DTYPE_HELP, resolve_compute_dtype
 from gpt2_jax.training.step import token_losses
 from gpt2_jax.weights.loading import load_model
 
@@ -90,7 +91,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--data", required=True, help="dataset: a file, folder or glob of .txt/.md, .jsonl, .csv, .npy or .bin files"
     )
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: bf16 on GPU/TPU)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help=f"compute dtype (default: {DEFAULT_DTYPE_HELP})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
@@ -102,7 +103,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     find_dataset_files(args.data)  # a wrong --data fails before the model is read
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=resolve_compute_dtype(args.dtype).dtype)
     stream = read_token_stream(args.data, model.tokenizer, flag="--data")
     if stream.n_replaced_bytes:
         note(f"replaced {stream.n_replaced_bytes} invalid UTF-8 bytes in the data with U+FFFD")

@@ -22,7 +22,7 @@ PUBLIC = [
 # Lower layers first: a module may import from its own layer and the ones before it, never from a later one.
 LAYERS = [
     {"errors", "console", "io"},
-    {"config"},
+    {"config", "precision"},
     {"model"},
     {"tokenizers"},
     {"weights"},

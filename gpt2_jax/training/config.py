@@ -20,6 +20,7 @@ from gpt2_jax.cli import ArgumentParser
 from gpt2_jax.config import is_scratch
 from gpt2_jax.errors import UsageError
 from gpt2_jax.model.lora import DEFAULT_TARGETS, TARGETS, LoraConfig, parse_targets
+from gpt2_jax.precision import DEFAULT_DTYPE_HELP
 from gpt2_jax.training.tracking import check_trackers
 
 
@@ -52,7 +53,7 @@ class TrainConfig:
     vocab_size: int = _opt(8192, "SentencePiece vocabulary size (with --tokenizer sentencepiece)", type=int)
     dtype: str | None = _opt(
         None, "compute dtype; params and optimizer state stay float32", type=str,
-        choices=("float32", "bfloat16", "float16"), shown="bfloat16 on GPU/TPU, float32 on CPU",
+        choices=("float32", "bfloat16", "float16"), shown=DEFAULT_DTYPE_HELP + "; float16 trains with loss scaling",
     )  # fmt: skip
     remat: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30% more compute)", type=bool)
     scan_unroll: int | None = _opt(

@@ -28,6 +28,7 @@ from gpt2_jax.model.flops import peak_flops
 from gpt2_jax.model.lora import LoraConfig, adapter_count
 from gpt2_jax.model.params import count_params
 from gpt2_jax.model.transformer import Tuning, init_params
+from gpt2_jax.precision import resolve_compute_dtype
 from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer, load_tokenizer
 from gpt2_jax.tokenizers.sentencepiece import train_sentencepiece
@@ -41,7 +42,7 @@ from gpt2_jax.training.start import StartMode, resolve_start
 from gpt2_jax.training.state import abstract_state, choose_sharding, fresh_state, restored_state, step_functions
 from gpt2_jax.training.step import TrainState
 from gpt2_jax.weights import native
-from gpt2_jax.weights.loading import default_compute_dtype, load_lora_base, load_model
+from gpt2_jax.weights.loading import load_lora_base, load_model
 from gpt2_jax.weights.lora_run import LoraRecord, base_reference, read_record
 
 
@@ -62,8 +63,9 @@ class Session:
     start_step: int
     meta: dict[str, Any] | None  # the restored checkpoint's meta, None for a fresh run
     records: list[dict[str, Any]]  # metrics so far (kept from a resumed run)
-    peak_flops: float
+    peak_flops: float | None  # of all the devices together; None for an accelerator without a known peak
     description: str
+    dtype_reason: str  # why the compute dtype is what it is (precision.py), for the start-up line
 
     def close(self) -> None:
         """Finish pending saves (reporting, not raising, a failure: an error may already be on its way out)."""
@@ -95,8 +97,8 @@ def prepare(explicit: dict[str, Any], *, bundled_dataset: str) -> Session:
 def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str) -> Session:
     cfg, start = resolve_start(run, explicit, bundled_dataset)
     dataset_path = cfg.dataset or bundled_dataset
-    dtype = cfg.dtype or default_compute_dtype()
     devices = select_devices(cfg.devices)  # flags that need no model or data fail first
+    dtype, dtype_reason = resolve_compute_dtype(cfg.dtype, devices[0])
     per_device = check_batch(cfg.batch_size, len(devices), cfg.accumulate_gradients)
     mesh = make_mesh(devices)
 
@@ -259,7 +261,8 @@ def _print_summary(
     lines = [
         f"run: {s.run.path} ({how[start.kind]}), {cfg.steps} steps",
         f"model: {s.description}: {mc.n_layer} layers x {mc.n_embd} ({mc.n_head} heads), vocab {mc.n_vocab}, "
-        f"{count_params(mc):,} params; {mc.dtype} compute, float32 params{', remat' if mc.remat else ''}",
+        f"{count_params(mc):,} params; {mc.dtype} compute ({s.dtype_reason}), float32 params"
+        + (", remat" if mc.remat else ""),
         f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}){processes}",
         *([_lora_line(lora_config, mc)] if lora_config else []),
         state,
