@@ -132,13 +132,13 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
     run.write_model(model_config, tokenizer, cfg.to_json(), lora=record.to_json() if record else None)
 
     peak, peak_source = _peak_flops(devices[0], dtype)
-    if devices[0].platform != "cpu":  # CPU "devices" share one socket: the measured peak is already the total
-        peak *= len(devices)
+    if peak is not None and devices[0].platform != "cpu":  # CPU "devices" share one socket: the measured peak is
+        peak *= len(devices)  # already the total
     session = Session(
         cfg=cfg, run=run, checkpoints=checkpoints, model_config=model_config, tokenizer=tokenizer, dataset=dataset,
         seq_len=cfg.seq_len, mesh=mesh, sharding=sharding, state=begin.state, train_step=compiled.train_step,
         eval_step=compiled.eval_step, start_step=begin.step, meta=begin.meta, records=begin.records, peak_flops=peak,
-        description=description,
+        description=description, dtype_reason=dtype_reason,
     )  # fmt: skip
     _print_summary(session, start, devices, per_device, optimizer, peak_source, state_bytes)
     return session
@@ -234,7 +234,7 @@ def _load_dataset_once(path: str, tokenizer: Tokenizer, cfg: TrainConfig) -> Tok
 
 # --- the summary ----------------------------------------------------------------------------------------------------
 @functools.cache
-def _peak_flops(device: jax.Device, dtype: str) -> tuple[float, str]:
+def _peak_flops(device: jax.Device, dtype: str) -> tuple[float | None, str]:
     """The peak behind MFU, taken once per process (a CPU's is measured): every log line of a run divides by it."""
     return peak_flops(device, dtype)
 
@@ -271,7 +271,7 @@ def _print_summary(
         f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.lr_schedule}, {cfg.warmup_steps} warmup steps"
         + (f", to {optimizer.min_lr:g})" if cfg.lr_schedule == "cosine" else ")")
         + f", weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}",
-        f"MFU against {s.peak_flops / 1e12:.3g} TFLOP/s ({peak_source})",
+        peak_source if s.peak_flops is None else f"MFU against {s.peak_flops / 1e12:.3g} TFLOP/s ({peak_source})",
     ]
     if cfg.dropout or cfg.lora_dropout:
         lines.append(f"dropout: {cfg.dropout:g} (embedding, attention, residual), {cfg.lora_dropout:g} (LoRA input)")
