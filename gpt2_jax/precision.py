@@ -70,6 +70,14 @@ def has_native_bfloat16(platform: str, capability: Any = None) -> bool:
     return cc is None or cc >= NATIVE_BFLOAT16_CAPABILITY
 
 
+def has_fused_attention(device: Any) -> bool:
+    """Whether cuDNN's fused (flash) attention runs on `device`: NVIDIA GPUs of compute capability 8.0 or newer
+    (cuDNN's SDPA support matrix); a T4 or V100 runs XLA's attention instead."""
+    platform, _, capability = describe(device)
+    cc = compute_capability(capability)
+    return platform.lower() in ("gpu", "cuda") and cc is not None and cc >= NATIVE_BFLOAT16_CAPABILITY
+
+
 def describe(device: Any) -> tuple[str, str, Any]:
     """(platform, device_kind, compute_capability or None) of a `jax.Device` or a stand-in with those attributes."""
     return device.platform, device.device_kind, getattr(device, "compute_capability", None)

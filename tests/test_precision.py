@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import types
 
+import jax
 import pytest
 
 from gpt2_jax import precision, sample, serve
+from gpt2_jax.config import get_config
+from gpt2_jax.model import ops
 from gpt2_jax.precision import choose_compute_dtype, dtype_note, resolve_compute_dtype
 from gpt2_jax.weights import loading
 
@@ -77,6 +80,18 @@ def test_load_model_sample_and_serve_take_the_devices_rule(monkeypatch, capsys):
     assert len(texts[0]) == 1
     assert sample.load_sampler("scratch:tiny", "float32").config.dtype == "float32"
     assert capsys.readouterr().err == ""
+
+
+def test_cudnn_flash_attention_only_where_cudnn_has_it(monkeypatch):
+    """cuDNN's fused attention needs compute capability 8.0: a T4 or V100 training in float16 runs XLA's attention
+    (asking cuDNN there fails to compile), an A100 cuDNN's; a CPU XLA's."""
+    config = get_config("tiny", dtype="float16")
+    assert ops.attention_implementation(config) == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for stand_in, expected in ((T4, "xla"), (CHOICES[1][0], "xla"), (CHOICES[3][0], "cudnn"), (CHOICES[9][0], "xla")):
+        monkeypatch.setattr(jax, "devices", lambda *_, d=stand_in: [d])
+        assert ops.attention_implementation(config) == expected, stand_in.device_kind
+    assert ops.attention_implementation(config.replace(dtype="float32")) == "xla"
 
 
 def test_help_names_the_rule():

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import GPT2Config
+from gpt2_jax.precision import has_fused_attention
 
 Array = jax.Array
 HEAD_VOCAB_MULTIPLE = 128  # 16-bit heads pad the vocabulary rows to this, for aligned tensor-core tiles
@@ -55,11 +56,12 @@ def float32_accumulating_dtype(dtype: Any) -> Any:
 
 
 def attention_implementation(config: GPT2Config) -> str:
-    """'cudnn' (fused flash attention) on GPU with a 16-bit compute dtype, else XLA's portable path."""
+    """'cudnn' (fused flash attention) on a GPU that has it (compute capability 8.0+) with a 16-bit compute dtype,
+    else XLA's portable path: cuDNN's flash attention needs Ampere, so a T4 or V100 in float16 runs XLA's."""
     if config.attention != "auto":
         return config.attention
     if jax.default_backend() == "gpu" and config.dtype in ("bfloat16", "float16"):
-        return "cudnn"
+        return "cudnn" if has_fused_attention(jax.devices()[0]) else "xla"
     return "xla"
 
 
