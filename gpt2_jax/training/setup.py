@@ -20,7 +20,7 @@ from typing import Any
 import jax
 
 from gpt2_jax.config import GPT2Config, get_config, is_scratch, scratch_preset
-from gpt2_jax.console import is_primary, note
+from gpt2_jax.console import is_primary, note, warn
 from gpt2_jax.data import files as data_files
 from gpt2_jax.data.dataset import TokenDataset, load_dataset
 from gpt2_jax.errors import UsageError, UserError
@@ -35,7 +35,8 @@ from gpt2_jax.tokenizers.sentencepiece import train_sentencepiece
 from gpt2_jax.training.checkpoints import Checkpoints
 from gpt2_jax.training.config import TrainConfig
 from gpt2_jax.training.distributed import barrier
-from gpt2_jax.training.mesh import check_batch, gib, make_mesh, on_cpu, select_devices
+from gpt2_jax.training.memory import StepMemory, advice, alternatives, estimate
+from gpt2_jax.training.mesh import check_batch, device_memory_bytes, gib, make_mesh, on_cpu, select_devices
 from gpt2_jax.training.optim import OptimizerConfig
 from gpt2_jax.training.run_dir import RunDir
 from gpt2_jax.training.start import StartMode, resolve_start
@@ -118,6 +119,9 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
     optimizer = OptimizerConfig.of(cfg)
     tuning = Tuning(lora=lora_config, dropout=cfg.dropout)
     sharding, state_bytes = choose_sharding(cfg.sharding, model_config, optimizer, mesh, lora_config)
+    memory = estimate(
+        model_config, optimizer, tuning, per_device, cfg.seq_len, cfg.accumulate_gradients, mesh, sharding
+    )
     compiled = step_functions(model_config, optimizer, mesh, cfg.accumulate_gradients, sharding, tuning)
     checkpoints = Checkpoints(run.checkpoints, keep=cfg.keep)
     if start.fresh:
@@ -140,7 +144,8 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
         eval_step=compiled.eval_step, start_step=begin.step, meta=begin.meta, records=begin.records, peak_flops=peak,
         description=description, dtype_reason=dtype_reason,
     )  # fmt: skip
-    _print_summary(session, start, devices, per_device, optimizer, peak_source, state_bytes)
+    _print_summary(session, start, devices, per_device, optimizer, peak_source, state_bytes, memory)
+    _check_memory(session, memory, devices[0], per_device, optimizer, tuning)
     return session
 
 
@@ -247,6 +252,7 @@ def _print_summary(
     optimizer: OptimizerConfig,
     peak_source: str,
     state_bytes: dict[str, int],
+    memory: StepMemory,
 ) -> None:
     cfg, mc = s.cfg, s.model_config
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
@@ -258,6 +264,8 @@ def _print_summary(
     if len(devices) > 1:
         state += f"; {other}: {gib(state_bytes[other])}"
     how = {"fresh": "new run", "resume": f"resuming at step {s.start_step}", "path": f"from step {s.start_step}"}
+    budget = device_memory_bytes(devices[0])
+    of = f" of the {gib(budget)} a {devices[0].device_kind} gives JAX" if budget else ""
     lines = [
         f"run: {s.run.path} ({how[start.kind]}), {cfg.steps} steps",
         f"model: {s.description}: {mc.n_layer} layers x {mc.n_embd} ({mc.n_head} heads), vocab {mc.n_vocab}, "
@@ -266,6 +274,7 @@ def _print_summary(
         f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}){processes}",
         *([_lora_line(lora_config, mc)] if lora_config else []),
         state,
+        f"memory: {memory.describe()}, estimated before compiling{of}",
         f"batch: global {cfg.batch_size} sequences = {per_device} per device x {len(devices)} devices x "
         f"{cfg.accumulate_gradients} micro-batches; seq_len {s.seq_len}; {cfg.batch_size * s.seq_len:,} tokens/step",
         f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.lr_schedule}, {cfg.warmup_steps} warmup steps"
@@ -276,6 +285,20 @@ def _print_summary(
     if cfg.dropout or cfg.lora_dropout:
         lines.append(f"dropout: {cfg.dropout:g} (embedding, attention, residual), {cfg.lora_dropout:g} (LoRA input)")
     print("\n".join(lines), flush=True)
+
+
+def _check_memory(
+    s: Session, memory: StepMemory, device: jax.Device, rows: int, optimizer: OptimizerConfig, tuning: Tuning
+) -> None:
+    """A warning, with what would fit, when the step's estimate exceeds what the device gives JAX (GPUs and TPUs
+    report it; CPUs do not). Only a warning: the estimate leaves out XLA's workspace and may err either way."""
+    budget = device_memory_bytes(device)
+    if budget is None or memory.total <= budget:
+        return
+    options = alternatives(
+        s.model_config, optimizer, tuning, rows, s.seq_len, s.cfg.accumulate_gradients, s.mesh, s.sharding
+    )
+    warn(advice(memory, budget, device.device_kind, options))
 
 
 def _lora_line(lora_config: LoraConfig, mc: GPT2Config) -> str:
