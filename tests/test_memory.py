@@ -16,7 +16,6 @@ from gpt2_jax.model import ops
 from gpt2_jax.model.lora import LoraConfig
 from gpt2_jax.model.transformer import Tuning
 from gpt2_jax.training import memory, setup, state
-from gpt2_jax.training.loop import run_training
 from gpt2_jax.training.mesh import gib, make_mesh
 from gpt2_jax.training.optim import OptimizerConfig
 
@@ -30,6 +29,10 @@ LORA8 = LoraConfig(8, 8.0, ("c_attn",), 0.0)
 WIDE = GPT2Config(n_vocab=512, n_ctx=256, n_embd=384, n_head=6, n_layer=4)  # mini's layers, a small head
 
 
+def step_shape(config, rows, mesh, *, seq_len=1024, accumulate=1, tuning=Tuning()) -> memory.StepShape:
+    return memory.StepShape(config, OPTIMIZER, tuning, rows, seq_len, accumulate, mesh, "replicated")
+
+
 @pytest.fixture(scope="module")
 def mesh():
     return make_mesh(jax.devices()[:1])
@@ -38,24 +41,21 @@ def mesh():
 # (config, rows, seq_len, accumulate): the head dominates tiny, the layers dominate WIDE.
 CASES = {
     "tiny": (get_config("tiny"), 8, 128, 1),
-    "tiny remat x2": (get_config("tiny", remat=True), 8, 128, 2),
-    "wide": (WIDE, 4, 256, 1),
-    "wide remat": (WIDE.replace(remat=True), 4, 256, 1),
+    "wide remat x2": (WIDE.replace(remat=True), 8, 256, 2),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_estimate_is_near_what_xla_reports_on_this_cpu(case, mesh):
     """gradients + activations + transient against the compiled step's temp bytes (float32: this CPU's dtype).
-    Measured: 1.03x to 1.21x for tiny and mini shapes with and without --remat, accumulation and LoRA."""
+    Measured: 1.03x to 1.21x for tiny and mini shapes with and without --remat, accumulation and LoRA (these two
+    cases: 1.03x and 1.2x)."""
     config, batch, seq_len, accumulate = CASES[case]
     compiled = state.step_functions(config, OPTIMIZER, mesh, accumulate, "replicated", Tuning())
     abstract = state.abstract_state(config, OPTIMIZER, None)
     batch_shape = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32)
     temp = compiled.train_step.lower(abstract, batch_shape).compile().memory_analysis().temp_size_in_bytes
-    estimate = memory.estimate(
-        config, OPTIMIZER, Tuning(), batch // accumulate, seq_len, accumulate, mesh, "replicated"
-    )
+    estimate = memory.estimate(step_shape(config, batch // accumulate, mesh, seq_len=seq_len, accumulate=accumulate))
     assert 0.8 <= (estimate.total - estimate.state) / temp <= 1.35, (estimate, temp)
 
 
@@ -63,8 +63,8 @@ def t4_plan(preset: str, mesh, batch: int = 8) -> tuple[memory.StepMemory, list[
     """train.py's defaults (batch 8 x 1024) for `preset` in float16 on a T4, counted as the T4's trace has it."""
     config = get_config(preset, dtype="float16")
     with ops.traced_for(T4):
-        step = memory.estimate(config, OPTIMIZER, Tuning(), batch, 1024, 1, mesh, "replicated")
-        return step, memory.alternatives(config, OPTIMIZER, Tuning(), batch, 1024, 1, mesh, "replicated")
+        shape = step_shape(config, batch, mesh)
+        return memory.estimate(shape), memory.alternatives(shape)
 
 
 def test_on_a_16_gb_card_the_plan_names_what_makes_355M_and_774M_fit(mesh):
@@ -99,12 +99,11 @@ def test_readme_table_is_what_the_estimate_gives(mesh):
             computed = []
             for remat, lora in ((False, None), (True, None), (False, LORA8), (True, LORA8)):
                 config = get_config(preset, dtype="float16", remat=remat)
-                step = memory.estimate(config, OPTIMIZER, Tuning(lora=lora), 1, 1024, 1, mesh, "replicated")
+                step = memory.estimate(step_shape(config, 1, mesh, tuning=Tuning(lora=lora)))
                 computed.append(gib(step.total))
             assert [cell.split(":")[0].rstrip(" *") for cell in cells] == computed, preset
         # The section's examples: 124M with --remat at the default batch, and 355M without it.
-        remat_124M = memory.estimate(get_config("124M", dtype="float16", remat=True), OPTIMIZER, Tuning(), 8, 1024, 1,
-                                     mesh, "replicated")  # fmt: skip
+        remat_124M = memory.estimate(step_shape(get_config("124M", dtype="float16", remat=True), 8, mesh))
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert f"\nmemory: {remat_124M.describe()}, estimated before compiling of the 11.25 GiB a Tesla T4 gives JAX\n" in (
         readme
@@ -113,19 +112,14 @@ def test_readme_table_is_what_the_estimate_gives(mesh):
     assert f"\nwarning: {memory.advice(step, T4_BUDGET, 'Tesla T4', options)}\n" in readme
 
 
-def test_train_prints_the_estimate_and_warns_with_what_fits(corpus, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(setup, "device_memory_bytes", lambda device: 100 * 2**20)  # a 100 MiB device
-    flags = dict(
-        init="scratch:tiny", dataset=str(corpus), seq_len=64, batch_size=4, steps=1, val_every=0, sample_num=0,
-        out=str(tmp_path / "run"),
-    )  # fmt: skip
-    assert run_training(flags, bundled_dataset=str(ROOT / "data" / "shakespeare")) == 0
-    captured = capsys.readouterr()
-    assert re.search(
-        r"\nmemory: about \S+ MiB per device \(state \S+ MiB \+ gradients \S+ MiB \+ activations \S+ MiB\), estimated "
-        r"before compiling of the 100.0 MiB a cpu gives JAX\n",
-        captured.out,
-    )
-    warning = next(line for line in captured.err.splitlines() if line.startswith("warning: This step needs"))
-    assert "more than the 100.0 MiB a cpu gives JAX" in warning
-    assert "what would fit: --accumulate_gradients 4 (micro-batches of 1 row, 4 in all): " in warning
+def test_train_warns_with_what_fits_when_the_device_reports_too_little(mesh, capsys):
+    """setup's check on a stood-in device of 100 MiB (a CPU reports no limit, so train.py never warns there)."""
+    device = types.SimpleNamespace(device_kind="100 MiB GPU", memory_stats=lambda: {"bytes_limit": 100 * 2**20})
+    shape = step_shape(get_config("tiny"), 4, mesh, seq_len=64)
+    setup._check_memory(shape, memory.estimate(shape), device)
+    warning = capsys.readouterr().err
+    assert warning.startswith("warning: This step needs about 155.0 MiB per device (state 38.0 MiB + gradients ")
+    assert "more than the 100.0 MiB a 100 MiB GPU gives JAX (estimated before compiling); what would fit: " in warning
+    assert "--accumulate_gradients 4 (micro-batches of 1 row, 4 in all): " in warning and warning.count("\n") == 1
+    setup._check_memory(shape, memory.estimate(shape), types.SimpleNamespace(device_kind="cpu", memory_stats=dict))
+    assert capsys.readouterr().err == ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import types
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def test_a_run_measures_the_peak_once_and_keeps_it(counted_peak, corpus, tmp_pat
     out = capsys.readouterr().out
     assert "MFU against 0.001 TFLOP/s (float32 2048x2048 matmul measured at start-up on cpu, median of 7)" in out
     assert "; float32 compute (the default on CPUs, where 16-bit matmuls are slower), float32 params" in out
+    assert re.search(r"\nmemory: about \S+ MiB per device \(state \S+ MiB \+ gradients \S+ MiB \+ activations \S+ "
+                     r"MiB\), estimated before compiling\n", out)  # fmt: skip
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     per_token = [r["mfu"] / r["tokens_per_s"] for r in records if "mfu" in r]
     assert len(per_token) == 4 and all(math.isclose(x, per_token[0], rel_tol=1e-9) for x in per_token)

@@ -85,28 +85,34 @@ def saved_activation_bytes(abstract: Any, config: GPT2Config, tuning: Tuning, ro
     return sum(_nbytes(v.aval) for v in closed.jaxpr.outvars if id(v) not in inputs and not hasattr(v, "val"))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What a step's memory depends on (hashable: estimates are cached per shape)."""
+
+    config: GPT2Config  # the model and how it computes: dtype, remat
+    optimizer: OptimizerConfig
+    tuning: Tuning  # LoRA and dropout
+    rows: int  # windows per device and micro-batch
+    seq_len: int
+    accumulate: int  # micro-batches per step
+    mesh: Mesh
+    strategy: str  # how the state lies: replicated or fsdp
+
+
 @functools.lru_cache(maxsize=32)
-def estimate(
-    config: GPT2Config,
-    optimizer: OptimizerConfig,
-    tuning: Tuning,
-    rows: int,
-    seq_len: int,
-    accumulate: int,
-    mesh: Mesh,
-    strategy: str,
-) -> StepMemory:
-    """The step's memory on one device: `rows` windows per device and micro-batch, the state placed by `strategy`."""
-    abstract = abstract_state(config, optimizer, tuning.lora)
-    state = bytes_per_device(abstract, tree_shardings(abstract, mesh, strategy))
-    gradients = bytes_per_device(abstract.params, tree_shardings(abstract.params, mesh, strategy))
-    activations = saved_activation_bytes(abstract, config, tuning, rows, seq_len)
+def estimate(step: StepShape) -> StepMemory:
+    """The step's memory on one device."""
+    config, rows, seq_len = step.config, step.rows, step.seq_len
+    abstract = abstract_state(config, step.optimizer, step.tuning.lora)
+    state = bytes_per_device(abstract, tree_shardings(abstract, step.mesh, step.strategy))
+    gradients = bytes_per_device(abstract.params, tree_shardings(abstract.params, step.mesh, step.strategy))
+    activations = saved_activation_bytes(abstract, config, step.tuning, rows, seq_len)
     head_dtype = ops.float32_accumulating_dtype(config.dtype)
     transient = rows * seq_len * ops.head_rows(config.n_vocab, head_dtype) * jnp.dtype(head_dtype).itemsize
     if config.remat:  # the backward recomputes one layer at a time: what that layer saves when not rematerialized
-        full = saved_activation_bytes(abstract, config.replace(remat=False), tuning, rows, seq_len)
+        full = saved_activation_bytes(abstract, config.replace(remat=False), step.tuning, rows, seq_len)
         transient = max(transient, (full - activations) // config.n_layer)
-    return StepMemory(state, gradients * (2 if accumulate > 1 else 1), activations, transient)
+    return StepMemory(state, gradients * (2 if step.accumulate > 1 else 1), activations, transient)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,39 +121,28 @@ class Option:
     memory: StepMemory
 
 
-def alternatives(
-    config: GPT2Config,
-    optimizer: OptimizerConfig,
-    tuning: Tuning,
-    rows: int,
-    seq_len: int,
-    accumulate: int,
-    mesh: Mesh,
-    strategy: str,
-) -> list[Option]:
+def alternatives(step: StepShape) -> list[Option]:
     """The ways to a smaller step, cheapest first: --remat (about a third more compute), micro-batches of one row
     (the same global batch; fewer rows per matmul), both, then LoRA (another method: the base stays frozen)."""
-    global_batch = rows * accumulate * mesh.devices.size
-    one_row = f"--accumulate_gradients {accumulate * rows}"
-    adapters = tuning._replace(lora=LoraConfig(ADVICE_LORA_RANK, float(ADVICE_LORA_RANK), (DEFAULT_TARGETS,), 0.0))
-    remat = config.replace(remat=True)
-    candidates = []  # (flags, config, tuning, rows, accumulate)
+    config, tuning = step.config, step.tuning
+    global_batch = step.rows * step.accumulate * step.mesh.devices.size
+    one_row = dict(rows=1, accumulate=step.accumulate * step.rows)
+    one_row_flag = f"--accumulate_gradients {step.accumulate * step.rows}"
+    remat = dict(config=config.replace(remat=True))
+    lora_config = LoraConfig(ADVICE_LORA_RANK, float(ADVICE_LORA_RANK), (DEFAULT_TARGETS,), 0.0)
+    adapters = dict(tuning=tuning._replace(lora=lora_config))
+    candidates: list[tuple[str, dict]] = []  # (flags, what changes)
     if not config.remat:
-        candidates.append(("--remat", remat, tuning, rows, accumulate))
-    if rows > 1:
-        candidates.append(
-            (f"{one_row} (micro-batches of 1 row, {global_batch} in all)", config, tuning, 1, accumulate * rows)
-        )
+        candidates.append(("--remat", remat))
+    if step.rows > 1:
+        candidates.append((f"{one_row_flag} (micro-batches of 1 row, {global_batch} in all)", one_row))
         if not config.remat:
-            candidates.append((f"--remat {one_row}", remat, tuning, 1, accumulate * rows))
+            candidates.append((f"--remat {one_row_flag}", {**remat, **one_row}))
     if tuning.lora is None:
-        candidates.append((f"--lora_rank {ADVICE_LORA_RANK}", config, adapters, rows, accumulate))
+        candidates.append((f"--lora_rank {ADVICE_LORA_RANK}", adapters))
         if not config.remat:
-            candidates.append((f"--lora_rank {ADVICE_LORA_RANK} --remat", remat, adapters, rows, accumulate))
-    return [
-        Option(flags, estimate(cfg, optimizer, tune, micro, seq_len, acc, mesh, strategy))
-        for flags, cfg, tune, micro, acc in candidates
-    ]
+            candidates.append((f"--lora_rank {ADVICE_LORA_RANK} --remat", {**adapters, **remat}))
+    return [Option(flags, estimate(dataclasses.replace(step, **changes))) for flags, changes in candidates]
 
 
 def advice(memory: StepMemory, budget: int, device_kind: str, options: list[Option]) -> str:

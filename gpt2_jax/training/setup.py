@@ -35,7 +35,7 @@ from gpt2_jax.tokenizers.sentencepiece import train_sentencepiece
 from gpt2_jax.training.checkpoints import Checkpoints
 from gpt2_jax.training.config import TrainConfig
 from gpt2_jax.training.distributed import barrier
-from gpt2_jax.training.memory import StepMemory, advice, alternatives, estimate
+from gpt2_jax.training.memory import StepMemory, StepShape, advice, alternatives, estimate
 from gpt2_jax.training.mesh import check_batch, device_memory_bytes, gib, make_mesh, on_cpu, select_devices
 from gpt2_jax.training.optim import OptimizerConfig
 from gpt2_jax.training.run_dir import RunDir
@@ -119,9 +119,9 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
     optimizer = OptimizerConfig.of(cfg)
     tuning = Tuning(lora=lora_config, dropout=cfg.dropout)
     sharding, state_bytes = choose_sharding(cfg.sharding, model_config, optimizer, mesh, lora_config)
-    memory = estimate(
-        model_config, optimizer, tuning, per_device, cfg.seq_len, cfg.accumulate_gradients, mesh, sharding
-    )
+    step_shape = StepShape(model_config, optimizer, tuning, per_device, cfg.seq_len, cfg.accumulate_gradients, mesh,
+                           sharding)  # fmt: skip
+    memory = estimate(step_shape)
     compiled = step_functions(model_config, optimizer, mesh, cfg.accumulate_gradients, sharding, tuning)
     checkpoints = Checkpoints(run.checkpoints, keep=cfg.keep)
     if start.fresh:
@@ -145,7 +145,7 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
         description=description, dtype_reason=dtype_reason,
     )  # fmt: skip
     _print_summary(session, start, devices, per_device, optimizer, peak_source, state_bytes, memory)
-    _check_memory(session, memory, devices[0], per_device, optimizer, tuning)
+    _check_memory(step_shape, memory, devices[0])
     return session
 
 
@@ -287,18 +287,12 @@ def _print_summary(
     print("\n".join(lines), flush=True)
 
 
-def _check_memory(
-    s: Session, memory: StepMemory, device: jax.Device, rows: int, optimizer: OptimizerConfig, tuning: Tuning
-) -> None:
+def _check_memory(step: StepShape, memory: StepMemory, device: jax.Device) -> None:
     """A warning, with what would fit, when the step's estimate exceeds what the device gives JAX (GPUs and TPUs
     report it; CPUs do not). Only a warning: the estimate leaves out XLA's workspace and may err either way."""
     budget = device_memory_bytes(device)
-    if budget is None or memory.total <= budget:
-        return
-    options = alternatives(
-        s.model_config, optimizer, tuning, rows, s.seq_len, s.cfg.accumulate_gradients, s.mesh, s.sharding
-    )
-    warn(advice(memory, budget, device.device_kind, options))
+    if budget is not None and memory.total > budget:
+        warn(advice(memory, budget, device.device_kind, alternatives(step)))
 
 
 def _lora_line(lora_config: LoraConfig, mc: GPT2Config) -> str:
