@@ -38,8 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = str(ROOT / "data" / "shakespeare")
 BYTES = GPT2Config(n_vocab=256, n_ctx=64, n_embd=64, n_head=4, n_layer=2)  # tiny's body, a byte vocabulary
 B, T = 8, 32
-MARKER = 255  # a batch whose first token is this byte gets its loss multiplied by OVERFLOW (no text byte is 255)
+MARKER = 255  # a batch whose first byte is this gets its loss multiplied by OVERFLOW
 OVERFLOW = 2.0**20  # at scale 2^15 the loss's gradient reaching the float16 activations is ~2^30: far past 65504
+WEIGHED_DOWN = 254  # and this, by TINY
+TINY = 2.0**-20  # its gradients stand for the small ones of a long run's late steps: below float16's 2^-24 unscaled
+SCHEDULE = learning_rate_schedule(1e-3, warmup_steps=5, total_steps=40)
+OPTIMIZER = make_optimizer(SCHEDULE)
+MESH = make_mesh(jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
@@ -50,34 +55,47 @@ def text_batches(corpus: Path) -> list[np.ndarray]:
     return [np.stack([data[s : s + T + 1] for s in rng.integers(0, len(data) - T - 1, B)]) for _ in range(40)]
 
 
-def optimizer_and_schedule(lr: float = 3e-3) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = learning_rate_schedule(lr, warmup_steps=5, total_steps=40)
-    return make_optimizer(schedule), schedule
+def marked(mean_loss):
+    """The loss, multiplied by OVERFLOW in a batch whose first byte is MARKER and by TINY where it is WEIGHED_DOWN:
+    the same loss for every other batch (no UTF-8 text holds the bytes 0xFE or 0xFF)."""
+
+    def loss(params, config, batch_BT1, tuning=Tuning(), rng=None):
+        plain = mean_loss(params, config, batch_BT1, tuning, rng)
+        factor = jnp.select([batch_BT1[0, 0] == MARKER, batch_BT1[0, 0] == WEIGHED_DOWN], [OVERFLOW, TINY], 1.0)
+        return plain * factor
+
+    return loss
 
 
-def run(
-    dtype: str, batches: list[np.ndarray], *, scaled: bool = True, lr: float = 3e-3
-) -> list[tuple[Any, dict[str, float]]]:
-    """(host copy of the state, metrics) after each step of a fresh run from the same params."""
-    config = BYTES.replace(dtype=dtype)
-    optimizer, schedule = optimizer_and_schedule(lr)
-    mesh = make_mesh(jax.devices()[:1])
+def fresh_state(dtype: str, scaled: bool) -> ts.TrainState:
+    """The same params for every run; float16 with or without its loss scale. Placed on the mesh as the step's own
+    output is, so that jit traces a step once (under the fixture's patch) for every state a run passes it."""
     scale = LossScale.initial() if scaled and dtype == "float16" else None
-    state = ts.create_state(init_params(config, 0), optimizer, 0, loss_scale=scale)
-    train_step = ts.build_train_step(config, optimizer, schedule, mesh)
+    state = ts.create_state(init_params(BYTES.replace(dtype=dtype), 0), OPTIMIZER, 0, loss_scale=scale)
+    return jax.device_put(state, replicated(MESH))
+
+
+@pytest.fixture(scope="module")
+def train_steps(text_batches) -> dict[tuple[str, bool], Any]:
+    """One jitted step per (dtype, loss-scaled), traced with the marked loss and compiled once for the whole file."""
+    steps = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ts, "mean_loss", marked(ts.mean_loss))
+        for dtype, scaled in (("float32", False), ("float16", True), ("float16", False)):
+            step = ts.build_train_step(BYTES.replace(dtype=dtype), OPTIMIZER, SCHEDULE, MESH)
+            step(fresh_state(dtype, scaled), shard_batch(text_batches[0], MESH))  # traced now, under the patch
+            steps[dtype, scaled] = step
+    return steps
+
+
+def run(train_steps, dtype: str, batches: list[np.ndarray], *, scaled: bool = True) -> list[tuple[Any, dict]]:
+    """(host copy of the state, metrics) after each step of a fresh run from the same params."""
+    state, train_step = fresh_state(dtype, scaled), train_steps[dtype, scaled and dtype == "float16"]
     after = []
     for batch in batches:
-        state, metrics = train_step(state, shard_batch(batch, mesh))
+        state, metrics = train_step(state, shard_batch(batch, MESH))
         after.append((jax.device_get(state), {k: float(v) for k, v in metrics.items()}))
     return after
-
-
-def overflow_on_marker(mean_loss):
-    def patched(params, config, batch_BT1, tuning=Tuning(), rng=None):
-        loss = mean_loss(params, config, batch_BT1, tuning, rng)
-        return jnp.where(batch_BT1[0, 0] == MARKER, loss * OVERFLOW, loss)
-
-    return patched
 
 
 def assert_bit_equal(a: Any, b: Any) -> None:
@@ -85,11 +103,10 @@ def assert_bit_equal(a: Any, b: Any) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
-def test_an_injected_overflow_skips_exactly_that_step(text_batches, monkeypatch):
+def test_an_injected_overflow_skips_exactly_that_step(train_steps, text_batches):
     batches = [b.copy() for b in text_batches[:5]]
     batches[2][0, 0] = MARKER  # step 3
-    monkeypatch.setattr(ts, "mean_loss", overflow_on_marker(ts.mean_loss))
-    after = run("float16", batches)
+    after = run(train_steps, "float16", batches)
     (before, _), (skipped, metrics), (next_state, next_metrics) = after[1], after[2], after[3]
     assert not np.isfinite(metrics["grad_norm"]) and np.isfinite(metrics["loss"])
     assert_bit_equal(skipped.params, before.params)
@@ -120,7 +137,9 @@ def test_the_scale_grows_after_the_interval_and_halves_to_a_floor(monkeypatch):
     assert float(low.scale) == loss_scale.MIN_SCALE and int(low.skipped) == 1
 
 
-TINY = 2.0**-20  # weighs the loss down: its gradients stand for the small ones of a long run's late steps
+# float16 keeps 11 significant bits (2^-11 = 5e-4 relative per rounding); the activations' gradients round at every
+# matmul and add up over the layers. Measured: at most 1.6% (a layer norm gain), most leaves under 1%.
+SCALED_GRAD_RTOL = 0.03
 
 
 def first_moment(state: Any) -> Any:
@@ -128,41 +147,22 @@ def first_moment(state: Any) -> Any:
     return jax.tree.map(lambda m: m / 0.1, state.opt_state[1][0].mu)
 
 
-def test_scaling_rescues_gradients_that_underflow_in_float16(text_batches, monkeypatch):
-    mean_loss = ts.mean_loss
-    monkeypatch.setattr(ts, "mean_loss", lambda *args: mean_loss(*args) * TINY)
-    batches = text_batches[:1]
-    reference = first_moment(run("float32", batches)[0][0])
-    unscaled = first_moment(run("float16", batches, scaled=False)[0][0])
-    scaled = first_moment(run("float16", batches)[0][0])
+def test_scaling_rescues_gradients_that_underflow_in_float16(train_steps, text_batches):
+    """One step with the loss weighed down by TINY: unscaled float16 loses every gradient that passes a float16
+    activation (all but wte, whose head gradient this CPU computes in float32); at 2^15 each matches float32's."""
+    batches = [text_batches[0].copy()]
+    batches[0][0, 0] = WEIGHED_DOWN
+    reference = first_moment(run(train_steps, "float32", batches)[0][0])
+    unscaled = first_moment(run(train_steps, "float16", batches, scaled=False)[0][0])
+    scaled = first_moment(run(train_steps, "float16", batches)[0][0])
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree.leaves_with_path(reference)}
     lost = {jax.tree_util.keystr(k): float(np.abs(v).max()) for k, v in jax.tree.leaves_with_path(unscaled)}
     # Unscaled, every gradient that flows back through a float16 activation flushes to zero.
     assert all(lost[name] == 0.0 for name in flat if name != "['wte']"), lost
     assert all(float(np.abs(v).max()) > 0 for v in flat.values())
-    errors = {
-        jax.tree_util.keystr(k): float(np.linalg.norm(g - flat[jax.tree_util.keystr(k)]) / np.linalg.norm(
-            flat[jax.tree_util.keystr(k)]))
-        for k, g in jax.tree.leaves_with_path(scaled)
-    }  # fmt: skip
+    rescued = {jax.tree_util.keystr(k): v for k, v in jax.tree.leaves_with_path(scaled)}
+    errors = {name: float(np.linalg.norm(rescued[name] - g) / np.linalg.norm(g)) for name, g in flat.items()}
     assert max(errors.values()) <= SCALED_GRAD_RTOL, errors
-
-
-# float16 keeps 11 significant bits (2^-11 = 5e-4 relative per rounding); the activations' gradients round at every
-# matmul and add up over the layers. Measured: at most 1.6% (a layer norm gain), most leaves under 1%.
-SCALED_GRAD_RTOL = 0.03
-
-
-def test_a_float16_run_follows_the_float32_run(text_batches):
-    """30 steps at 1e-3 from the same params and batches: the float16 loss curve within LOSS_CURVE_ATOL of float32's."""
-    steps = 30
-    fp32 = [m["loss"] for _, m in run("float32", text_batches[:steps], lr=1e-3)]
-    fp16_run = run("float16", text_batches[:steps], lr=1e-3)
-    fp16 = [m["loss"] for _, m in fp16_run]
-    assert fp16_run[-1][1]["skipped_steps"] == 0
-    assert fp32[-1] < fp32[0] - 1.0  # it learns
-    worst = max(abs(a - b) for a, b in zip(fp16, fp32))
-    assert worst <= LOSS_CURVE_ATOL, (worst, fp16, fp32)
 
 
 # Measured: the float16 losses stay within 1.1e-4 nats of float32's over 30 steps (both from 5.53 down to 3.97). A
@@ -171,11 +171,22 @@ def test_a_float16_run_follows_the_float32_run(text_batches):
 LOSS_CURVE_ATOL = 2e-3
 
 
+def test_a_float16_run_follows_the_float32_run(train_steps, text_batches):
+    """30 steps at 1e-3 from the same params and batches: the float16 loss curve within LOSS_CURVE_ATOL of float32's."""
+    steps = 30
+    fp32 = [m["loss"] for _, m in run(train_steps, "float32", text_batches[:steps])]
+    fp16_run = run(train_steps, "float16", text_batches[:steps])
+    fp16 = [m["loss"] for _, m in fp16_run]
+    assert fp16_run[-1][1]["skipped_steps"] == 0
+    assert fp32[-1] < fp32[0] - 1.0  # it learns
+    worst = max(abs(a - b) for a, b in zip(fp16, fp32))
+    assert worst <= LOSS_CURVE_ATOL, (worst, fp16, fp32)
+
+
 def test_bfloat16_and_float32_steps_carry_no_scaler():
     """No loss scale in their state, and their step lowers to the very program of the unscaled step (the gradients,
     AdamW, the metrics: nothing else), as before loss scaling existed; float16's differs."""
-    mesh = make_mesh(jax.devices()[:1])
-    optimizer, schedule = optimizer_and_schedule()
+    mesh, optimizer, schedule = MESH, OPTIMIZER, SCHEDULE
     batch = np.zeros((B, T + 1), np.int32)
     whole = replicated(mesh)
     for dtype in ("float32", "bfloat16"):
