@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from gpt2_jax.config import GPT2Config
 from gpt2_jax.model.transformer import Tuning, init_params
 from gpt2_jax.training import loss_scale, state
 from gpt2_jax.training import step as ts
-from gpt2_jax.training.loop import run_training
+from gpt2_jax.training.loop import Loop, run_training
 from gpt2_jax.training.loss_scale import LossScale
 from gpt2_jax.training.mesh import batch_sharding, make_mesh, replicated, shard_batch
 from gpt2_jax.training.optim import learning_rate_schedule, make_optimizer
@@ -264,6 +265,7 @@ DEVICES_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess with 4 CPU devices compiling three float16 steps: 16-60 s on 2 shared cores
 def test_one_device_equals_four_with_one_decision_for_the_global_batch():
     """4 devices (replicated), and 4 devices x 2 micro-batches with the state sharded (fsdp), against 1 device: the
     overflow in one row of step 2 skips that step everywhere, and losses, scales and params agree."""
@@ -288,15 +290,32 @@ def test_one_device_equals_four_with_one_decision_for_the_global_batch():
 
 
 @pytest.fixture
-def eager_scaler(monkeypatch):
-    """A scale that starts far too high and grows after 3 good steps: a short run skips, settles and grows again.
-    The compiled steps of a configuration are cached per process (state.step_functions): emptied around the test, so
-    the patched constants are traced here and nowhere else."""
-    monkeypatch.setattr(loss_scale, "INITIAL_SCALE", 2.0**24)
-    monkeypatch.setattr(loss_scale, "GROWTH_INTERVAL", 3)
+def traced_here():
+    """The compiled steps of a configuration are cached per process (state.step_functions): emptied around a test that
+    patches what they trace, so that the patch is traced in it and nowhere else."""
     state.step_functions.cache_clear()
     yield
     state.step_functions.cache_clear()
+
+
+@pytest.fixture
+def eager_scaler(monkeypatch, traced_here):
+    """A scale that starts far too high and grows after 3 good steps: a short run skips, settles and grows again."""
+    monkeypatch.setattr(loss_scale, "INITIAL_SCALE", 2.0**24)
+    monkeypatch.setattr(loss_scale, "GROWTH_INTERVAL", 3)
+
+
+def test_only_a_skip_at_the_smallest_scale_stops_the_run():
+    """The loop reads every step's metrics: a skip is the scaler's business, but gradients that overflow float16 even
+    at scale 1 are a diverging run (train.py's Diverged, naming the step and the rate), not one to skip forever."""
+    stopped = []
+    loop = types.SimpleNamespace(skipped_steps=0, diverged=lambda *args: stopped.append(args))
+    metrics = {"loss": 5.0, "grad_norm": float("inf"), "lr": 1e-4, "loss_scale": 2.0**14, "skipped_steps": 1.0}
+    assert Loop.scaler_skipped(loop, 5, metrics) and loop.skipped_steps == 1 and not stopped
+    assert not Loop.scaler_skipped(loop, 6, dict(metrics, grad_norm=2.0))  # the count did not grow: applied
+    assert not Loop.scaler_skipped(loop, 7, {"loss": 5.0, "grad_norm": 2.0, "lr": 1e-4})  # bfloat16: no scaler
+    assert Loop.scaler_skipped(loop, 8, dict(metrics, loss_scale=loss_scale.MIN_SCALE, skipped_steps=2.0))
+    assert stopped == [(8, "gradient norm at float16's smallest loss scale (1)", float("inf"), 1e-4)]
 
 
 def test_a_resumed_float16_run_is_bit_identical(eager_scaler, corpus, tmp_path, capsys):
