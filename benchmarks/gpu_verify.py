@@ -105,7 +105,7 @@ def nvidia_smi() -> dict[str, str]:
 # --- phases on the device --------------------------------------------------------------------------------------------
 def phase_device(out: str, sizes: Sizes) -> None:
     device = jax.devices()[0]
-    peak, source = peak_flops(device, sizes.dtype)
+    peak, source = peak_flops(device, sizes.dtype, measure_unknown=True)
     record(
         out, "device", environment=report.environment(), nvidia_smi=nvidia_smi(), peak_flops=peak,
         peak_source=source, **ceilings(sizes.matmul_n),

@@ -183,7 +183,7 @@ class Runner:
     def peak(self, dtype: str) -> tuple[float, str]:
         """Peak FLOP/s of one device (datasheet, or a matmul measured once per run and dtype) and its source."""
         if dtype not in self._peaks:
-            self._peaks[dtype] = peak_flops(self.device, dtype)
+            self._peaks[dtype] = peak_flops(self.device, dtype, measure_unknown=True)
             self.log(f"peak {dtype}: {self._peaks[dtype][0] / 1e12:.2f} TFLOP/s per device ({self._peaks[dtype][1]})")
         return self._peaks[dtype]
 

@@ -222,7 +222,7 @@ def measure_point(
     step_s = float(np.median(times["ours"]))
     tokens_per_s = batch * seq / step_s
     device = jax.local_devices()[0]
-    peak_per_device, peak_source = peak or peak_flops(device, dtype)
+    peak_per_device, peak_source = peak or peak_flops(device, dtype, measure_unknown=True)
     peak_total = peak_per_device * (n_devices if device.platform != "cpu" else 1)  # CPU devices share the cores
     model_flops_per_s = tokens_per_s * flops_per_token(config, seq)
     point = dict(
@@ -251,7 +251,7 @@ def run(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Benchmark points for every (preset, batch, devices); a CPU peak is measured once, before the first point
     (the median of 7 matmuls)."""
-    peak = peak_flops(jax.local_devices()[0], dtype)
+    peak = peak_flops(jax.local_devices()[0], dtype, measure_unknown=True)
     points = []
     for preset in presets:
         for batch in batches:

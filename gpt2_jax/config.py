@@ -29,7 +29,7 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     # How the model computes, not what it is: none of these change the parameters.
     dtype: str = "float32"  # compute dtype; params stay float32
-    attention: str = "auto"  # 'auto' asks for cuDNN's fused kernel on GPU with bf16/fp16, else XLA
+    attention: str = "auto"  # 'auto': cuDNN's fused kernel on GPUs that have it (sm80+) in bf16/fp16, else XLA
     remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
     scan_unroll: int = 1  # layers per scan iteration; n_layer unrolls the stack completely
 

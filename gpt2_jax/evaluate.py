@@ -34,6 +34,7 @@ from gpt2_jax.data.dataset import read_token_stream
 from gpt2_jax.data.files import find_dataset_files
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.hints import command_for
+from gpt2_jax.precision import DEFAULT_DTYPE_HELP, resolve_compute_dtype
 from gpt2_jax.training.step import token_losses
 from gpt2_jax.weights.loading import load_model
 
@@ -98,7 +99,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--text_column", help="field or column that holds the text in .jsonl, .csv and .parquet files (default: text)"
     )
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: bf16 on GPU/TPU)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help=f"compute dtype (default: {DEFAULT_DTYPE_HELP})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
@@ -110,7 +111,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     find_dataset_files(args.data)  # a wrong --data fails before the model is read
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=resolve_compute_dtype(args.dtype).dtype)
     stream = read_token_stream(args.data, model.tokenizer, flag="--data", text_column=args.text_column)
     if stream.n_replaced_bytes:
         note(f"replaced {stream.n_replaced_bytes} invalid UTF-8 bytes in the data with U+FFFD")

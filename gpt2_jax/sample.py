@@ -24,6 +24,7 @@ from gpt2_jax.compile_cache import use_compile_cache
 from gpt2_jax.console import warn
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.hints import command_for
+from gpt2_jax.precision import DEFAULT_DTYPE_HELP, resolve_compute_dtype
 from gpt2_jax.unicode import repair_decoded
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
-        help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)",
+        help=f"compute dtype (default: by the device: {DEFAULT_DTYPE_HELP})",
     )
     p.add_argument("--format", choices=("text", "jsonl"), default="text", help="text (OpenAI's layout) or jsonl")
     p.add_argument(
@@ -135,7 +136,7 @@ def load_sampler(model: str | None, dtype: str | None) -> Sampler:
 
     if model is None and not os.path.isdir(DEFAULT_MODEL):
         raise UserError(f"No {DEFAULT_MODEL}; download it (`{command_for('download')} 124M`) or pass --model.")
-    return Sampler.from_model(load_model(model or DEFAULT_MODEL, dtype=dtype))
+    return Sampler.from_model(load_model(model or DEFAULT_MODEL, dtype=resolve_compute_dtype(dtype).dtype))
 
 
 def prompt_sampler(args: argparse.Namespace) -> Callable[[str], None]:

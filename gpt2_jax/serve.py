@@ -24,6 +24,7 @@ from gpt2_jax.compile_cache import use_compile_cache
 from gpt2_jax.console import note
 from gpt2_jax.errors import UsageError, UserError
 from gpt2_jax.hints import command_for
+from gpt2_jax.precision import DEFAULT_DTYPE_HELP, resolve_compute_dtype
 
 API_KEY_ENV = "GPT2_JAX_API_KEY"
 
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--drain_timeout", type=float, default=30.0, help="seconds to finish requests on shutdown (30)")
     p.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: bfloat16 on GPU/TPU, "
-        "float32 on CPU)"
+        "--dtype", choices=("float32", "bfloat16", "float16"), help=f"compute dtype (default: by the device: "
+        f"{DEFAULT_DTYPE_HELP})"
     )  # fmt: skip
     p.add_argument(
         "--log_level", choices=("debug", "info", "warning", "error"), default="info",
@@ -85,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gpt2_jax.serving.engine import Engine
     from gpt2_jax.weights.loading import load_model
 
-    model = load_model(args.model, dtype=args.dtype)
+    dtype = resolve_compute_dtype(args.dtype)
+    model = load_model(args.model, dtype=dtype.dtype)
     if args.max_len is not None and args.max_len > model.config.n_ctx:
         raise UsageError(f"--max_len {args.max_len} is longer than the model's context of {model.config.n_ctx}.")
     engine = Engine(
@@ -93,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_batch=args.max_batch, max_len=args.max_len, chunk=args.chunk, max_queue=args.max_queue,
     )  # fmt: skip
     seconds, shapes = engine.warm_up()
-    note(f"compiled in {seconds:.1f} s: {shapes}")
+    note(f"compiled in {seconds:.1f} s: {shapes}; {dtype.dtype} weights and compute ({dtype.reason})")
     name = args.model_name or Path(str(args.model).rstrip("/")).name
     app = create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes)
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -22,7 +22,7 @@ PUBLIC = [
 # Lower layers first: a module may import from its own layer and the ones before it, never from a later one.
 LAYERS = [
     {"dependencies", "errors", "console", "io", "hints", "unicode"},
-    {"config"},
+    {"config", "precision"},
     {"model"},
     {"tokenizers"},
     {"weights"},

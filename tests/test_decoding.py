@@ -3,8 +3,9 @@
 Teacher forcing: a prompt is prefilled, then the rest of a known sequence is fed one token per step, and every
 step's logits (`decode.forward` returns the last position's) are compared with the full forward's logits at that
 position. `decode.forward` runs jitted as the sampler runs it: the config static, the cache donated. Covered:
-float32 parity at several prompt lengths, left-padded batches (each row decodes as it does alone), bfloat16 within
-its rounding, Hugging Face PyTorch at one step, one compilation per shape, and `init_cache`'s refusals.
+float32 parity at several prompt lengths, left-padded batches (each row decodes as it does alone), bfloat16 and
+float16 within their rounding, Hugging Face PyTorch at one step, one compilation per shape, and `init_cache`'s
+refusals.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gpt2_jax.model.transformer import GPT2
 
 CFG = GPT2Config(n_vocab=97, n_ctx=32, n_embd=48, n_head=3, n_layer=3)  # 3 heads of 16, as in test_model.py
 BF16 = CFG.replace(dtype="bfloat16")
+FP16 = CFG.replace(dtype="float16")  # T4 and V100 sample in float16 (gpt2_jax/precision.py)
 MAX_LEN = CFG.n_ctx
 L = 20  # prompt + continuation length in every test, so one full-forward compilation serves them all
 PROMPT_LENGTHS = (1, 6, 13)
@@ -38,7 +40,13 @@ HF_ATOL = 1e-4  # float32 vs PyTorch, as in test_model.py (measured: ~3e-6)
 # places; only the summation order differs) at most 2.5, against float32 at most 3.6 (the bf16 training forward
 # itself is up to 4.3 from float32). The bounds are about 1.6x those maxima. A real bug (a wrong position, mask or
 # scale) moves logits by order 1: about 40 u here.
-BF16_BOUND_U = {"bfloat16": 4.0, "float32": 6.0}
+# float16 keeps 11 significant bits (u = 2^-11) but rounds at the same places; on this CPU its attention logits and
+# head run in float32 (ops.float32_accumulating_dtype: XLA:CPU has no float16 dot accumulating in float32), on a GPU
+# in float16 with float32 accumulation. Measured the same way (5 seeds), in units of 2^-11 * max|logit|: the float16
+# decode against the float16 training forward at most 2.0, against float32 at most 3.4 (the float16 training forward
+# itself up to 3.3 from float32). The bounds are again about 1.6x those; a real bug moves logits by about 300 u.
+BOUND_U = {"bfloat16": {"bfloat16": 4.0, "float32": 6.0}, "float16": {"float16": 3.5, "float32": 5.5}}
+SIGNIFICANT_BITS = {"bfloat16": 8, "float16": 11}
 
 TRACES: collections.Counter = collections.Counter()  # (config, tokens shape) -> times forward_jit traced it
 
@@ -135,19 +143,21 @@ def test_left_padded_batch_decodes_each_row_as_alone(params: Any, weights: Any) 
         assert max_abs_diff(batched[i], full) <= ATOL
 
 
-def test_bfloat16_decode_within_bf16_rounding(params: Any) -> None:
-    """Weights, activations and cache in bfloat16, logits float32: within BF16_BOUND_U roundings of each forward."""
-    weights = decode.decode_weights(params, BF16)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_decode_within_its_rounding(params: Any, dtype: str) -> None:
+    """Weights, activations and cache in 16 bits, logits float32: within BOUND_U roundings of each forward."""
+    config = CFG.replace(dtype=dtype)
+    weights = decode.decode_weights(params, config)
     rows = sequences(len(PROMPT_LENGTHS), seed=12)
-    worst = {"bfloat16": 0.0, "float32": 0.0}
+    worst = {dtype: 0.0, "float32": 0.0}
     for row, n in zip(rows, PROMPT_LENGTHS):
-        cached = decode_alone(weights, BF16, row, n)
+        cached = decode_alone(weights, config, row, n)
         assert cached.dtype == np.float32
-        for name, config in (("bfloat16", BF16), ("float32", CFG)):
-            full = np.asarray(full_forward(config, params, row[None]))[0, n - 1 :]
-            u_max = 2.0**-8 * float(np.abs(full).max())
+        for name, reference in ((dtype, config), ("float32", CFG)):
+            full = np.asarray(full_forward(reference, params, row[None]))[0, n - 1 :]
+            u_max = 2.0 ** -SIGNIFICANT_BITS[dtype] * float(np.abs(full).max())
             worst[name] = max(worst[name], max_abs_diff(cached, full) / u_max)
-    assert all(0.0 < worst[name] <= BF16_BOUND_U[name] for name in worst), worst
+    assert all(0.0 < worst[name] <= BOUND_U[dtype][name] for name in worst), worst
 
 
 def test_cached_logits_match_hugging_face_at_one_step(params: Any, weights: Any) -> None:
@@ -194,6 +204,7 @@ def test_init_cache_layout_survives_prefill_and_steps(weights: Any) -> None:
         assert (logits.shape, logits.dtype) == ((2, CFG.n_vocab), jnp.float32)
         assert jax.tree.map(lambda a: (a.shape, a.dtype), after) == spec
     assert decode.init_cache(BF16, 1, 4)["v"][0].dtype == jnp.bfloat16
+    assert decode.init_cache(FP16, 1, 4)["k"][0].dtype == jnp.float16
 
 
 @pytest.mark.parametrize("max_len", [CFG.n_ctx + 1, 0, -3])

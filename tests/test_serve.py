@@ -99,6 +99,13 @@ def readme_example() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+def test_the_start_up_note_names_the_compute_dtype_and_why(server):
+    compiled = next(line for line in server.log if line.startswith("note: compiled in"))
+    assert compiled.rstrip().endswith(
+        "; float32 weights and compute (the default on CPUs, where 16-bit matmuls are slower)"
+    )
+
+
 def test_readme_example_runs_against_the_server(server, capsys):
     code = readme_example()
     assert len(code.strip().splitlines()) <= 5

@@ -58,6 +58,16 @@ def crash_after_logging(run: Path) -> None:
     shutil.rmtree(run / "checkpoints" / "8")
 
 
+def test_a_float16_runs_loss_scale_and_skips_are_charted():
+    """A float16 log record (loop.py) carries its loss scale and skipped steps; the trackers chart both. A skipped
+    step's record has no grad_norm (its Inf cannot go into JSON) and no mfu where the device has no known peak."""
+    record = {"step": 3, "loss": 5.0, "avg": 5.1, "lr": 1e-4, "loss_scale": 16384.0, "skipped_steps": 1, "tokens": 96,
+              "tokens_per_s": 10.0, "elapsed": 1.0}  # fmt: skip
+    charts = tracking.charts(record)
+    assert charts["train/loss_scale"] == 16384.0 and charts["train/skipped_steps"] == 1.0
+    assert "train/grad_norm" not in charts and "perf/mfu_percent" not in charts
+
+
 # --- TensorBoard ----------------------------------------------------------------------------------------------------
 def scalar_events(directory: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar event in every event file, in file order: what a loader without purging would show."""

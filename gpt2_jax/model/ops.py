@@ -26,16 +26,37 @@ K head dim, H = B*N (one attention problem per row and head), V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import GPT2Config
+from gpt2_jax.precision import has_fused_attention
 
 Array = jax.Array
 HEAD_VOCAB_MULTIPLE = 128  # 16-bit heads pad the vocabulary rows to this, for aligned tensor-core tiles
+# The device a trace is for, where it is not the one JAX runs on: training/memory.py counts a T4's activations on a CPU.
+_TRACED_FOR: contextvars.ContextVar[Any] = contextvars.ContextVar("traced_for", default=None)
+
+
+def target_device() -> Any:
+    """The device the forward is traced for: the first JAX device, unless `traced_for` names another."""
+    return _TRACED_FOR.get() or jax.devices()[0]
+
+
+@contextlib.contextmanager
+def traced_for(device: Any) -> Iterator[None]:
+    """Trace (never run) the forward as it would be on `device` (a `jax.Device` or a stand-in with its attributes):
+    its dtypes and attention path, for counting the memory a step would take there."""
+    token = _TRACED_FOR.set(device)
+    try:
+        yield
+    finally:
+        _TRACED_FOR.reset(token)
 
 
 def gelu(x: Array) -> Array:
@@ -49,17 +70,18 @@ def float32_accumulating_dtype(dtype: Any) -> Any:
     XLA:CPU has no float16 x float16 -> float32 dot, so float16 compute (meant for GPUs) runs those in float32 on a
     CPU instead of failing; every other dtype and backend keeps the compute dtype.
     """
-    if jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu":
+    if jnp.dtype(dtype) == jnp.float16 and target_device().platform == "cpu":
         return jnp.float32
     return dtype
 
 
 def attention_implementation(config: GPT2Config) -> str:
-    """'cudnn' (fused flash attention) on GPU with a 16-bit compute dtype, else XLA's portable path."""
+    """'cudnn' (fused flash attention) on a GPU that has it (compute capability 8.0+) with a 16-bit compute dtype,
+    else XLA's portable path: cuDNN's flash attention needs Ampere, so a T4 or V100 in float16 runs XLA's."""
     if config.attention != "auto":
         return config.attention
-    if jax.default_backend() == "gpu" and config.dtype in ("bfloat16", "float16"):
-        return "cudnn"
+    if target_device().platform == "gpu" and config.dtype in ("bfloat16", "float16"):
+        return "cudnn" if has_fused_attention(target_device()) else "xla"
     return "xla"
 
 
@@ -144,7 +166,12 @@ def _head_weights(wte: Array, dtype: Any) -> Array:
     wte_VD = wte.astype(dtype)
     if jnp.dtype(dtype) == jnp.float32:
         return wte_VD
-    return jnp.pad(wte_VD, ((0, -wte.shape[0] % HEAD_VOCAB_MULTIPLE), (0, 0)))
+    return jnp.pad(wte_VD, ((0, head_rows(wte.shape[0], dtype) - wte.shape[0]), (0, 0)))
+
+
+def head_rows(n_vocab: int, dtype: Any) -> int:
+    """The vocabulary rows the head multiplies in `dtype`: padded to a multiple of 128 in 16 bits."""
+    return n_vocab if jnp.dtype(dtype) == jnp.float32 else n_vocab + -n_vocab % HEAD_VOCAB_MULTIPLE
 
 
 @jax.custom_vjp

@@ -22,6 +22,7 @@ from gpt2_jax.console import warn
 from gpt2_jax.errors import UsageError
 from gpt2_jax.hints import command_for
 from gpt2_jax.model.lora import DEFAULT_TARGETS, TARGETS, LoraConfig, parse_targets
+from gpt2_jax.precision import DEFAULT_DTYPE_HELP
 from gpt2_jax.training.tracking import check_trackers
 from gpt2_jax.unicode import repair_decoded
 
@@ -58,7 +59,7 @@ class TrainConfig:
     vocab_size: int = _opt(8192, "SentencePiece vocabulary size (with --tokenizer sentencepiece)", type=int)
     dtype: str | None = _opt(
         None, "compute dtype; params and optimizer state stay float32", type=str,
-        choices=("float32", "bfloat16", "float16"), shown="bfloat16 on GPU/TPU, float32 on CPU",
+        choices=("float32", "bfloat16", "float16"), shown=DEFAULT_DTYPE_HELP + "; float16 trains with loss scaling",
     )  # fmt: skip
     remat: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30% more compute)", type=bool)
     scan_unroll: int | None = _opt(

@@ -7,12 +7,14 @@ time the compile) and at steps where something is due. The log line is nshepperd
 
     [step | elapsed] loss=3.21 avg=3.40 lr=6.00e-04 tok/s=12345 mfu=41.2%
 
-where avg is nshepperd's bias-corrected moving average (decay 0.99). A NaN/Inf (or exploding) loss stops the run at
-once with no checkpoint written, and a checkpoint of the weights that produced it is deleted, so the last good one
-stays the newest. SIGTERM and Ctrl-C finish the step in flight, write a checkpoint and return 128 + the signal
-number (143, 130); a second Ctrl-C interrupts at once. In a run over several processes only process 0 prints, and
-a signal to any process stops them all at the next log step (events.py). Every record metrics.jsonl gets, and
-every sample, also goes to the trackers `--tracker` names (tracking.py).
+where avg is nshepperd's bias-corrected moving average (decay 0.99). A float16 run adds its loss scale and the steps
+skipped so far (`scale=32768 skipped=0`, loss_scale.py); an accelerator without a known peak shows `mfu=n/a`. A
+skipped float16 step is the loss scaler's business, not a divergence, unless it overflowed at the smallest scale.
+A NaN/Inf (or exploding) loss stops the run at once with no checkpoint written, and a checkpoint of the weights that
+produced it is deleted, so the last good one stays the newest. SIGTERM and Ctrl-C finish the step in flight, write a
+checkpoint and return 128 + the signal number (143, 130); a second Ctrl-C interrupts at once. In a run over several
+processes only process 0 prints, and a signal to any process stops them all at the next log step (events.py). Every
+record metrics.jsonl gets, and every sample, also goes to the trackers `--tracker` names (tracking.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from gpt2_jax.model.lora import adapter_count, merge
 from gpt2_jax.model.params import count_params
 from gpt2_jax.training.distributed import global_batch, host_copy, local_rows
 from gpt2_jax.training.events import Due, due_at, periodic, stop_agreed, stop_signals
+from gpt2_jax.training.loss_scale import MIN_SCALE
 from gpt2_jax.training.run_dir import format_samples
 from gpt2_jax.training.setup import Session, prepare
 from gpt2_jax.training.step import all_finite
@@ -114,6 +117,8 @@ class Loop:
         self.tokens_seen = int(meta.get("tokens_seen", self.step * self.tokens_per_step)) if meta else 0
         self.elapsed_before = float(meta.get("elapsed", 0.0)) if meta else 0.0
         self.avg = MovingAverage(meta.get("avg") if meta else None)
+        scaler = s.state.loss_scale
+        self.skipped_steps = int(jax.device_get(scaler.skipped)) if scaler is not None else 0
         self.records = s.records
         self.flops_per_token = step_flops_per_token(s)
         self.start = time.perf_counter()
@@ -132,11 +137,24 @@ class Loop:
         """Host copy of one step's metrics; a NaN/Inf or exploding loss stops the run here."""
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         loss, grad_norm = values["loss"], values["grad_norm"]
-        if not (math.isfinite(loss) and loss < DIVERGED_LOSS and math.isfinite(grad_norm)):
+        skipped = self.scaler_skipped(step, values)
+        if not (math.isfinite(loss) and loss < DIVERGED_LOSS and (skipped or math.isfinite(grad_norm))):
             what, bad = ("gradient norm", grad_norm) if loss < DIVERGED_LOSS else ("loss", loss)
             self.diverged(step, what, bad, values["lr"])
         values["avg"] = self.avg.update(loss)
         return values
+
+    def scaler_skipped(self, step: int, values: dict[str, float]) -> bool:
+        """Whether float16's loss scaler dropped this step's update for non-finite gradients; at the smallest scale
+        that is a diverging run (gradients too large for float16 unscaled), which stops here."""
+        if "skipped_steps" not in values:
+            return False
+        skipped = int(values["skipped_steps"]) > self.skipped_steps
+        self.skipped_steps = int(values["skipped_steps"])
+        if skipped and values["loss_scale"] <= MIN_SCALE:
+            self.diverged(step, f"gradient norm at float16's smallest loss scale ({MIN_SCALE:g})", values["grad_norm"],
+                          values["lr"])  # fmt: skip
+        return skipped
 
     def diverged(self, step: int, what: str, bad: float, lr: float) -> None:
         # Step n's loss judges the weights after update n-1: a checkpoint of those (or later ones) is not good.
@@ -161,6 +179,7 @@ class Loop:
             "avg": self.avg.state(),
             "seq_len": self.s.seq_len,
             "batch_size": self.s.cfg.batch_size,
+            **({"loss_scale": self.s.state.loss_scale.to_json()} if self.s.state.loss_scale is not None else {}),
         }
 
     def save(self, data_state: dict[str, Any]) -> None:
@@ -177,16 +196,22 @@ class Loop:
         now = time.perf_counter()
         tokens_per_s = (self.step - self.window_step) * self.tokens_per_step / max(now - self.window_start, 1e-9)
         self.window_step, self.window_start = self.step, now
-        mfu = 100.0 * tokens_per_s * self.flops_per_token / s.peak_flops
+        mfu = None if s.peak_flops is None else 100.0 * tokens_per_s * self.flops_per_token / s.peak_flops
         elapsed = self.elapsed()
+        # A loss scale is a power of two, at least 1: a whole number.
+        scaling = f"scale={values['loss_scale']:.0f} skipped={self.skipped_steps} " if "loss_scale" in values else ""
         tqdm.write(
             f"[{self.step} | {elapsed:.2f}] loss={values['loss']:.2f} avg={values['avg']:.2f} "
-            f"lr={values['lr']:.2e} tok/s={tokens_per_s:.0f} mfu={mfu:.1f}%",
+            f"lr={values['lr']:.2e} {scaling}tok/s={tokens_per_s:.0f} mfu={'n/a' if mfu is None else f'{mfu:.1f}%'}",
             file=sys.stdout,
         )
         record = {"step": self.step, "loss": values["loss"], "avg": values["avg"], "lr": values["lr"]}
-        record.update(grad_norm=values["grad_norm"], tokens=self.tokens_seen, tokens_per_s=tokens_per_s)
-        record.update(mfu=mfu, elapsed=elapsed)
+        if math.isfinite(values["grad_norm"]):  # a skipped float16 step's is Inf or NaN, which JSON cannot hold
+            record["grad_norm"] = values["grad_norm"]
+        if "loss_scale" in values:
+            record.update(loss_scale=values["loss_scale"], skipped_steps=self.skipped_steps)
+        record.update(tokens=self.tokens_seen, tokens_per_s=tokens_per_s)
+        record.update({"mfu": mfu} if mfu is not None else {}, elapsed=elapsed)
         self.add_record(record)
         if time.perf_counter() - self.last_plot > PLOT_INTERVAL_S:
             self.plot()

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 
 from gpt2_jax.config import GPT2Config, get_config, is_scratch, scratch_preset
-from gpt2_jax.console import is_primary, note
+from gpt2_jax.console import is_primary, note, warn
 from gpt2_jax.data import files as data_files
 from gpt2_jax.data.dataset import TokenDataset, load_dataset
 from gpt2_jax.errors import UsageError, UserError
@@ -28,20 +28,22 @@ from gpt2_jax.model.flops import peak_flops
 from gpt2_jax.model.lora import LoraConfig, adapter_count
 from gpt2_jax.model.params import count_params
 from gpt2_jax.model.transformer import Tuning, init_params
+from gpt2_jax.precision import resolve_compute_dtype
 from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer, load_tokenizer
 from gpt2_jax.tokenizers.sentencepiece import train_sentencepiece
 from gpt2_jax.training.checkpoints import Checkpoints
 from gpt2_jax.training.config import TrainConfig
 from gpt2_jax.training.distributed import barrier
-from gpt2_jax.training.mesh import check_batch, gib, make_mesh, on_cpu, select_devices
+from gpt2_jax.training.memory import StepMemory, StepShape, advice, alternatives, estimate
+from gpt2_jax.training.mesh import check_batch, device_memory_bytes, gib, make_mesh, on_cpu, select_devices
 from gpt2_jax.training.optim import OptimizerConfig
 from gpt2_jax.training.run_dir import RunDir
 from gpt2_jax.training.start import StartMode, resolve_start
 from gpt2_jax.training.state import abstract_state, choose_sharding, fresh_state, restored_state, step_functions
 from gpt2_jax.training.step import TrainState
 from gpt2_jax.weights import native
-from gpt2_jax.weights.loading import default_compute_dtype, load_lora_base, load_model
+from gpt2_jax.weights.loading import load_lora_base, load_model
 from gpt2_jax.weights.lora_run import LoraRecord, base_reference, read_record
 
 
@@ -62,8 +64,9 @@ class Session:
     start_step: int
     meta: dict[str, Any] | None  # the restored checkpoint's meta, None for a fresh run
     records: list[dict[str, Any]]  # metrics so far (kept from a resumed run)
-    peak_flops: float
+    peak_flops: float | None  # of all the devices together; None for an accelerator without a known peak
     description: str
+    dtype_reason: str  # why the compute dtype is what it is (precision.py), for the start-up line
 
     def close(self) -> None:
         """Finish pending saves (reporting, not raising, a failure: an error may already be on its way out)."""
@@ -95,8 +98,8 @@ def prepare(explicit: dict[str, Any], *, bundled_dataset: str) -> Session:
 def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str) -> Session:
     cfg, start = resolve_start(run, explicit, bundled_dataset)
     dataset_path = cfg.dataset or bundled_dataset
-    dtype = cfg.dtype or default_compute_dtype()
     devices = select_devices(cfg.devices)  # flags that need no model or data fail first
+    dtype, dtype_reason = resolve_compute_dtype(cfg.dtype, devices[0])
     per_device = check_batch(cfg.batch_size, len(devices), cfg.accumulate_gradients)
     mesh = make_mesh(devices)
 
@@ -116,6 +119,9 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
     optimizer = OptimizerConfig.of(cfg)
     tuning = Tuning(lora=lora_config, dropout=cfg.dropout)
     sharding, state_bytes = choose_sharding(cfg.sharding, model_config, optimizer, mesh, lora_config)
+    step_shape = StepShape(model_config, optimizer, tuning, per_device, cfg.seq_len, cfg.accumulate_gradients, mesh,
+                           sharding)  # fmt: skip
+    memory = estimate(step_shape)
     compiled = step_functions(model_config, optimizer, mesh, cfg.accumulate_gradients, sharding, tuning)
     checkpoints = Checkpoints(run.checkpoints, keep=cfg.keep)
     if start.fresh:
@@ -130,15 +136,16 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
     run.write_model(model_config, tokenizer, cfg.to_json(), lora=record.to_json() if record else None)
 
     peak, peak_source = _peak_flops(devices[0], dtype)
-    if devices[0].platform != "cpu":  # CPU "devices" share one socket: the measured peak is already the total
-        peak *= len(devices)
+    if peak is not None and devices[0].platform != "cpu":  # CPU "devices" share one socket: the measured peak is
+        peak *= len(devices)  # already the total
     session = Session(
         cfg=cfg, run=run, checkpoints=checkpoints, model_config=model_config, tokenizer=tokenizer, dataset=dataset,
         seq_len=cfg.seq_len, mesh=mesh, sharding=sharding, state=begin.state, train_step=compiled.train_step,
         eval_step=compiled.eval_step, start_step=begin.step, meta=begin.meta, records=begin.records, peak_flops=peak,
-        description=description,
+        description=description, dtype_reason=dtype_reason,
     )  # fmt: skip
-    _print_summary(session, start, devices, per_device, optimizer, peak_source, state_bytes)
+    _print_summary(session, start, devices, per_device, optimizer, peak_source, state_bytes, memory)
+    _check_memory(step_shape, memory, devices[0])
     return session
 
 
@@ -243,7 +250,7 @@ def _load_dataset_once(path: str, tokenizer: Tokenizer, cfg: TrainConfig) -> Tok
 
 # --- the summary ----------------------------------------------------------------------------------------------------
 @functools.cache
-def _peak_flops(device: jax.Device, dtype: str) -> tuple[float, str]:
+def _peak_flops(device: jax.Device, dtype: str) -> tuple[float | None, str]:
     """The peak behind MFU, taken once per process (a CPU's is measured): every log line of a run divides by it."""
     return peak_flops(device, dtype)
 
@@ -256,6 +263,7 @@ def _print_summary(
     optimizer: OptimizerConfig,
     peak_source: str,
     state_bytes: dict[str, int],
+    memory: StepMemory,
 ) -> None:
     cfg, mc = s.cfg, s.model_config
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
@@ -267,23 +275,35 @@ def _print_summary(
     if len(devices) > 1:
         state += f"; {other}: {gib(state_bytes[other])}"
     how = {"fresh": "new run", "resume": f"resuming at step {s.start_step}", "path": f"from step {s.start_step}"}
+    budget = device_memory_bytes(devices[0])
+    of = f" of the {gib(budget)} a {devices[0].device_kind} gives JAX" if budget else ""
     lines = [
         f"run: {s.run.path} ({how[start.kind]}), {cfg.steps} steps",
         f"model: {s.description}: {mc.n_layer} layers x {mc.n_embd} ({mc.n_head} heads), vocab {mc.n_vocab}, "
-        f"{count_params(mc):,} params; {mc.dtype} compute, float32 params{', remat' if mc.remat else ''}",
+        f"{count_params(mc):,} params; {mc.dtype} compute ({s.dtype_reason}), float32 params"
+        + (", remat" if mc.remat else ""),
         f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}){processes}",
         *([_lora_line(lora_config, mc)] if lora_config else []),
         state,
+        f"memory: {memory.describe()}, estimated before compiling{of}",
         f"batch: global {cfg.batch_size} sequences = {per_device} per device x {len(devices)} devices x "
         f"{cfg.accumulate_gradients} micro-batches; seq_len {s.seq_len}; {cfg.batch_size * s.seq_len:,} tokens/step",
         f"optimizer: AdamW lr {cfg.learning_rate:g} ({cfg.lr_schedule}, {cfg.warmup_steps} warmup steps"
         + (f", to {optimizer.min_lr:g})" if cfg.lr_schedule == "cosine" else ")")
         + f", weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}",
-        f"MFU against {s.peak_flops / 1e12:.3g} TFLOP/s ({peak_source})",
+        peak_source if s.peak_flops is None else f"MFU against {s.peak_flops / 1e12:.3g} TFLOP/s ({peak_source})",
     ]
     if cfg.dropout or cfg.lora_dropout:
         lines.append(f"dropout: {cfg.dropout:g} (embedding, attention, residual), {cfg.lora_dropout:g} (LoRA input)")
     print("\n".join(lines), flush=True)
+
+
+def _check_memory(step: StepShape, memory: StepMemory, device: jax.Device) -> None:
+    """A warning, with what would fit, when the step's estimate exceeds what the device gives JAX (GPUs and TPUs
+    report it; CPUs do not). Only a warning: the estimate leaves out XLA's workspace and may err either way."""
+    budget = device_memory_bytes(device)
+    if budget is not None and memory.total > budget:
+        warn(advice(memory, budget, device.device_kind, alternatives(step)))
 
 
 def _lora_line(lora_config: LoraConfig, mc: GPT2Config) -> str:

@@ -26,6 +26,7 @@ from gpt2_jax.model import lora
 from gpt2_jax.model.lora import LoraConfig
 from gpt2_jax.model.transformer import Tuning, abstract_params
 from gpt2_jax.training.checkpoints import Checkpoints
+from gpt2_jax.training.loss_scale import INITIAL_SCALE, LossScale, initial_loss_scale
 from gpt2_jax.training.mesh import bytes_per_device, choose_strategy, tree_shardings
 from gpt2_jax.training.optim import OptimizerConfig, optimizer_and_schedule
 from gpt2_jax.training.run_dir import RunDir
@@ -43,12 +44,13 @@ def initial_state(
     seed: int,
 ) -> TrainState:
     """The state before the first step: every weight trains, or with LoRA new adapters over the frozen `params`
-    (their matrices kept in the compute dtype: lora.freeze)."""
+    (their matrices kept in the compute dtype: lora.freeze); float16 compute adds its loss scale."""
+    scale = initial_loss_scale(model_config.dtype)
     if lora_config is None:
-        return create_state(params, adamw, seed)
+        return create_state(params, adamw, seed, loss_scale=scale)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), ADAPTER_INIT_STREAM)
     adapters = lora.init_adapters(model_config, lora_config, key)
-    return create_state(adapters, adamw, seed, frozen=lora.freeze(params, model_config.dtype))
+    return create_state(adapters, adamw, seed, frozen=lora.freeze(params, model_config.dtype), loss_scale=scale)
 
 
 @functools.lru_cache(maxsize=4)
@@ -150,4 +152,16 @@ def restore_state(
     # From numpy, not a jnp array: a process may place host values on a mesh spanning other hosts' devices.
     step_array = jax.device_put(np.asarray(restored_step, np.int32), shardings.step)
     rng = jax.device_put(np.asarray(meta["rng"], np.uint32), shardings.rng)
-    return TrainState(params=params, opt_state=opt_state, step=step_array, rng=rng), meta
+    scale = restored_loss_scale(meta, abstract.loss_scale is not None, shardings.loss_scale)
+    return TrainState(params=params, opt_state=opt_state, step=step_array, rng=rng, loss_scale=scale), meta
+
+
+def restored_loss_scale(meta: dict[str, Any], wanted: bool, shardings: Any) -> LossScale | None:
+    """The checkpoint's loss scale for a float16 run; a run that changed to float16 (--dtype) starts a new one."""
+    if not wanted:
+        return None
+    saved = meta.get("loss_scale")
+    if saved is None:
+        note(f"the checkpoint of step {meta['step']} holds no float16 loss scale; it starts at {INITIAL_SCALE:g}")
+        saved = {"scale": INITIAL_SCALE, "good_steps": 0, "skipped": 0}
+    return jax.device_put(LossScale.from_json(saved), shardings)

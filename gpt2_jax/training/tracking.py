@@ -4,6 +4,7 @@
 loop appends to metrics.jsonl, as it appends it, under these chart names:
 
     loss avg lr grad_norm        train/loss train/loss_avg train/lr train/grad_norm
+    loss_scale skipped_steps     train/loss_scale train/skipped_steps   (float16 runs: loss_scale.py)
     tokens_per_s mfu             perf/tokens_per_s perf/mfu_percent
     tokens elapsed               progress/tokens progress/elapsed_s
     val_loss                     val/loss   (a validation record's tokens and elapsed repeat its log line's)
@@ -47,6 +48,8 @@ TRAIN_CHARTS = {
     "avg": "train/loss_avg",
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
+    "loss_scale": "train/loss_scale",
+    "skipped_steps": "train/skipped_steps",
     "tokens_per_s": "perf/tokens_per_s",
     "mfu": "perf/mfu_percent",
     "tokens": "progress/tokens",

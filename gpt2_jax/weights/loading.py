@@ -42,6 +42,7 @@ from gpt2_jax.errors import UserError
 from gpt2_jax.model.lora import merge
 from gpt2_jax.model.params import parse_name
 from gpt2_jax.model.transformer import init_params
+from gpt2_jax.precision import default_dtype_choice
 from gpt2_jax.tokenizers.base import Tokenizer
 from gpt2_jax.tokenizers.gpt2_bpe import load_tokenizer
 from gpt2_jax.weights import hub, lora_run, native, openai, releases, safetensors_io
@@ -74,8 +75,9 @@ class Weights(NamedTuple):
 
 
 def default_compute_dtype() -> str:
-    """bfloat16 on GPU/TPU (fp32 params, fp32 softmax and logits), float32 on CPU where bf16 matmuls are slow."""
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    """The first device's compute dtype by precision.py's rule: bfloat16 on TPUs and on NVIDIA GPUs from compute
+    capability 8.0, float16 on older NVIDIA GPUs (T4, V100), float32 on CPUs (params stay float32 everywhere)."""
+    return default_dtype_choice().dtype
 
 
 def detect_format(path: Path) -> str:
