@@ -15,9 +15,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gpt2_jax.cli import ArgumentParser, command_for, run_cli
+from gpt2_jax.cli import ArgumentParser, run_cli
 from gpt2_jax.data.manifest import MANIFEST
 from gpt2_jax.data.shard_corpus import DEFAULT_SHARD_SIZE, PrepareOptions, prepare_shards
+from gpt2_jax.hints import command_for
 
 
 def available_cores() -> int:
