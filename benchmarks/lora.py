@@ -27,8 +27,10 @@ from typing import Any
 VARIANTS = ("full", "lora")
 
 
-def measure(preset: str, batch: int, seq: int, dtype: str, lora_rank: int, targets: str, repeats: int) -> dict:
-    """One variant in this process: lora_rank 0 is full fine-tuning."""
+def measure(
+    preset: str, batch: int, seq: int, dtype: str, lora_rank: int, targets: str, repeats: int, remat: bool = False
+) -> dict:
+    """One variant in this process: lora_rank 0 is full fine-tuning; remat recomputes activations in the backward."""
     import jax
     import numpy as np
 
@@ -41,7 +43,7 @@ def measure(preset: str, batch: int, seq: int, dtype: str, lora_rank: int, targe
     from gpt2_jax.training.state import initial_state
     from gpt2_jax.training.step import build_train_step
 
-    config = model_config(preset, dtype=dtype)
+    config = model_config(preset, dtype=dtype, remat=remat)
     lora = LoraConfig(lora_rank, float(lora_rank), parse_targets(targets)) if lora_rank else None
     mesh = make_mesh(jax.devices()[:1])
     schedule = learning_rate_schedule(HYPER["learning_rate"], warmup_steps=0, total_steps=10**6, schedule="constant")
@@ -65,7 +67,7 @@ def measure(preset: str, batch: int, seq: int, dtype: str, lora_rank: int, targe
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "variant": "lora" if lora else "full",
-        "preset": preset, "batch": batch, "seq": seq, "dtype": dtype, "lora_rank": lora_rank,
+        "preset": preset, "batch": batch, "seq": seq, "dtype": dtype, "remat": remat, "lora_rank": lora_rank,
         "lora_targets": list(lora.targets) if lora else None,
         "trainable_params": adapter_count(config, lora) if lora else count_params(config),
         "state_bytes": bytes_per_device(abstract, tree_shardings(abstract, mesh, "replicated")),
@@ -87,6 +89,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lora_rank", type=int, default=8, help="the LoRA variant's rank (default: %(default)s)")
     p.add_argument("--lora_targets", default="c_attn", help="the LoRA variant's targets (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (default: %(default)s)")
+    p.add_argument("--remat", action="store_true", help="recompute activations in the backward: less memory")
     p.add_argument("--json", help="write the two results here")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process's own
     return p.parse_args(argv)
@@ -97,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = (args.preset, args.batch, args.seq, args.dtype)
     if args.variant:
         rank = args.lora_rank if args.variant == "lora" else 0
-        print("RESULT " + json.dumps(measure(*settings, rank, args.lora_targets, args.repeats)), flush=True)
+        result = measure(*settings, rank, args.lora_targets, args.repeats, args.remat)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     results: list[dict[str, Any]] = []
     for variant in VARIANTS:

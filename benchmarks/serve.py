@@ -45,7 +45,9 @@ class ServerProcess:
     """`python -m gpt2_jax.serve` on 127.0.0.1 at a port the system picks; stopped with SIGTERM."""
 
     def __init__(self, flags: Sequence[str], log: Log) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        # The checkout first, then whatever else was on the path (a folder of carried wheels, say).
+        paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)), PYTHONUNBUFFERED="1")
         command = [sys.executable, "-m", "gpt2_jax.serve", "--port", "0", "--log_level", "warning", *flags]
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         self.warm_up_s: float | None = None

@@ -15,6 +15,8 @@ Fields of a point:
     batch               global batch in sequences
     seq                 train: tokens per sequence; prefill and decode: prompt tokens
     new_tokens          decode: tokens generated per sequence (top-k sampling, no early stop)
+    sampling            decode: 'top-k K' or 'greedy' (a sweep's temperature 0); with any other field that
+                        decode.time_ours returns beside its timings
     tokens_per_s        median over `repeats` timed runs after warm-up; tokens_per_s_min / tokens_per_s_max
                         train: batch x seq per optimizer step; prefill: prompt tokens; decode: new tokens per
                         whole generation, prefill included (what a user waits for)
@@ -56,6 +58,7 @@ from gpt2_jax.model.decode import decode_weights
 from gpt2_jax.model.flops import flops_per_token, peak_flops
 from gpt2_jax.model.ops import attention_implementation
 from gpt2_jax.model.transformer import init_params
+from gpt2_jax.sampling.processors import SamplingConfig
 
 Log = Callable[[str], None]
 
@@ -72,6 +75,7 @@ class Sweep:
     devices: tuple[str, ...] = ("1",)  # train only: counts or 'all'
     new_tokens: int = 128  # decode only
     top_k: int = 40  # decode only
+    temperature: float = 1.0  # decode only: 0 is greedy (top_k then changes nothing)
     compare_batches: tuple[int, ...] | None = None  # where --compare pytorch applies; None: every batch
     batch_per_device: bool = False  # train: `batches` are per device (weak scaling), else global
     scan_unroll: tuple[int | None, ...] = (None,)  # train only: layers per scan step; None: train.py's default
@@ -215,7 +219,8 @@ class Runner:
         for sweep in sweeps:
             for spec in sweep.grid():
                 spec = _resolve(sweep, spec)
-                key = (sweep.job, sweep.seq, sweep.dtype, sweep.new_tokens, *spec.values())
+                key = (sweep.job, sweep.seq, sweep.dtype, sweep.new_tokens, sweep.top_k, sweep.temperature)
+                key += tuple(spec.values())
                 if key in seen:  # e.g. 'all' devices on a one-device machine, 'auto' attention where it means xla
                     continue
                 seen.add(key)
@@ -285,13 +290,17 @@ class Runner:
         batch, new_tokens = base["batch"], sweep.new_tokens
         prompt_BT = np.random.default_rng(0).integers(0, config.n_vocab, (batch, sweep.seq)).astype(np.int32)
         repeats = self.repeats or 3
-        ours = decode.time_ours(weights, config, prompt_BT, new_tokens, sweep.top_k, repeats)
+        greedy = {"sampling": SamplingConfig(temperature=0.0)} if sweep.temperature == 0 else {}
+        ours = decode.time_ours(weights, config, prompt_BT, new_tokens, sweep.top_k, repeats, **greedy)
         prefill_s, decode_s = np.array(ours["prefill_s"]), np.array(ours["decode_s"])
         compile_s = ours["compile_s"]
         prefill = dict(base, job="prefill", **_rates(batch * sweep.seq / prefill_s), compile_s=compile_s)
         prefill["prefill_ms"] = 1e3 * float(np.median(prefill_s))
         prefill["model_flops_per_s"] = prefill["tokens_per_s"] * flops_per_token(config, sweep.seq, training=False)
         point = dict(base, new_tokens=new_tokens, **_rates(batch * new_tokens / (prefill_s + decode_s)))
+        point["sampling"] = "greedy" if greedy else f"top-k {sweep.top_k}"
+        # Whatever else decode.time_ours measured beyond its timings (e.g. kernels per step) goes on the point.
+        point.update({k: v for k, v in ours.items() if k not in ("compile_s", "prefill_s", "decode_s")})
         step_s = float(np.median(decode_s)) / max(new_tokens - 1, 1)
         context = round(sweep.seq + new_tokens / 2)
         point.update(

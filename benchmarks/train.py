@@ -12,7 +12,7 @@ hyperparameters; on a CPU in float32, on CUDA with fp32 weights and autocast to 
 recipe). With `--torch_compile BACKEND` (default inductor) the same step runs once more with its forward and loss
 under `torch.compile`, a second PyTorch column (benchmarks/compare.py). The steps are timed in turns, so load from
 other programs slows all alike. Each point also keeps the first step's loss and gradient norm (before any update),
-which benchmarks/gpu_verify.py checks against a plain-loss step. MFU is model FLOPs
+which the GPU call (benchmarks/gpu/train.py) checks against a plain-loss step. MFU is model FLOPs
 (6N + 12LHQT per token, gpt2_jax.model.flops) over the device's peak: a datasheet figure on known accelerators,
 on a CPU a large matmul measured in this run (machines shared with other work give noisy numbers: report the
 load beside them).
@@ -21,6 +21,7 @@ load beside them).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -56,11 +57,14 @@ def model_config(
 
 
 def our_step(
-    config: GPT2Config, params: Any, batch_BT1: np.ndarray, *, devices: int | str = 1, accumulate: int = 1
-) -> tuple[Callable[[], dict[str, float]], float, dict[str, float]]:
+    config: GPT2Config, params: Any, batch_BT1: np.ndarray, *, devices: int | str = 1, accumulate: int = 1,
+    more_batches: Sequence[np.ndarray] = (),
+) -> tuple[Callable[[], dict[str, float]], float, dict[str, float]]:  # fmt: skip
     """(one timed training step, compile seconds, the first step's metrics) for our train step on `devices` local
     devices, `config` as given (build it with `model_config` to time what train.py runs). A step returns its
-    metrics: `loss` (before the update) and `grad_norm` (before clipping), as floats."""
+    metrics: `loss` (before the update) and `grad_norm` (before clipping), as floats. The first step trains on
+    `batch_BT1`; with `more_batches` (the same shape, already on the device when timing starts) the steps cycle
+    through all of them, as training on real data does."""
     mesh = make_mesh(select_devices(devices))
     schedule = learning_rate_schedule(HYPER["learning_rate"], warmup_steps=0, total_steps=10**6, schedule="constant")
     optimizer = make_optimizer(
@@ -69,10 +73,11 @@ def our_step(
     params = jax.tree.map(np.array, params)  # a private copy: the donated state may reuse its memory
     holder = {"state": jax.jit(lambda p: create_state(p, optimizer, 0), out_shardings=replicated(mesh))(params)}
     train_step = build_train_step(config, optimizer, schedule, mesh, accumulate=accumulate)
-    batch = shard_batch(batch_BT1, mesh)
+    batches = [shard_batch(b, mesh) for b in (batch_BT1, *more_batches)]
+    turn = itertools.count()
 
     def step() -> dict[str, float]:
-        holder["state"], metrics = train_step(holder["state"], batch)
+        holder["state"], metrics = train_step(holder["state"], batches[next(turn) % len(batches)])
         metrics = jax.device_get(metrics)  # the host syncs every step here; train.py does not
         return {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
 
@@ -197,18 +202,21 @@ def measure_point(
     preset: str, batch: int, seq: int, *, dtype: str = "float32", devices: int | str = 1, accumulate: int = 1,
     attention: str = "auto", remat: bool = False, scan_unroll: int | None = None, repeats: int = 5,
     pytorch: bool = True, torch_compile: str | None = None, peak: tuple[float, str] | None = None,
+    data: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One benchmark point: the fields listed in benchmarks/suite.py for job 'train'.
 
     scan_unroll None: train.py's default for this device (see `model_config`). pytorch: also time the PyTorch
     reference, in turns with ours, on one device where `pytorch_device` finds a like-for-like run; torch_compile:
-    and the same step under torch.compile with this backend (benchmarks/compare.py's fields).
+    and the same step under torch.compile with this backend (benchmarks/compare.py's fields). data: batches of
+    [batch, seq + 1] tokens that our steps cycle through (the first one PyTorch's too); None: one random batch.
     """
     config = model_config(preset, dtype=dtype, attention=attention, remat=remat, scan_unroll=scan_unroll)
     params = init_params(config, 0)
-    batch_BT1 = random_batch(config, batch, seq)
+    batch_BT1, *more = data if data else [random_batch(config, batch, seq)]
     n_devices = len(select_devices(devices))
-    ours, first_s, first = our_step(config, params, batch_BT1, devices=devices, accumulate=accumulate)
+    ours, first_s, first = our_step(config, params, batch_BT1, devices=devices, accumulate=accumulate,
+                                    more_batches=more)  # fmt: skip
     steps, errors = {"ours": ours}, {}
     torch_device = pytorch_device(dtype) if pytorch and n_devices == 1 else None
     for column, backend in compare.columns(torch_compile) if torch_device else []:

@@ -257,7 +257,7 @@ def test_pytorch_reference_holds_our_weights():
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
-# --- torch.compile as the second PyTorch column; the one-call GPU script (issue 13) ------------------------------
+# --- torch.compile as the second PyTorch column --------------------------------------------------------------
 def test_toy_suite_times_pytorch_under_torch_compile_too(toy_run):
     _, results = toy_run
     for p in results["points"]:
@@ -303,68 +303,143 @@ def test_torch_compile_flag_sets_the_backend_of_every_sweep():
         parse_args(["--torch_compile", "fastest"])
 
 
-def test_gpu_verify_checks_the_production_step_against_a_plain_loss(toy_run):
-    from benchmarks import gpu_verify
+# --- the GPU call (benchmarks/gpu/; its peers: tests/test_gpu_peers.py) -------------------------------------------
+def test_gpu_call_checks_the_production_step_against_a_plain_loss(toy_run):
+    from benchmarks.gpu import train as gpu_train
 
     (train,) = [p for p in toy_run[1]["points"] if p["job"] == "train"]
-    plain = gpu_verify.plain_first_step(train)
-    check = gpu_verify.loss_check(train, plain)  # the toy point's first step: tiny, float32, the fused head
+    batch_BT1 = train_bench.random_batch(get_config("tiny"), train["batch"], train["seq"])  # the toy point's batch
+    plain = gpu_train.plain_first_step(train, batch_BT1)
+    check = gpu_train.loss_check(train, plain)  # the toy point's first step: tiny, float32, the fused head
     assert check["ok"] and check["loss_diff"] <= 1e-4 and check["grad_norm_rel_diff"] <= 1e-4
     assert plain["loss"] == pytest.approx(math.log(50257), rel=0.05)  # a random model: about uniform
-    assert not gpu_verify.loss_check(train | {"first_loss": train["first_loss"] + 0.02}, plain)["ok"]
-    assert not gpu_verify.loss_check(train | {"first_grad_norm": train["first_grad_norm"] * 1.02}, plain)["ok"]
+    assert not gpu_train.loss_check(train | {"first_loss": train["first_loss"] + 0.02}, plain)["ok"]
+    assert not gpu_train.loss_check(train | {"first_grad_norm": train["first_grad_norm"] * 1.02}, plain)["ok"]
 
 
-def test_gpu_verify_summary_says_which_goals_were_met(tmp_path):
-    from benchmarks import gpu_verify
+def gpu_records() -> list[dict]:
+    """A GPU call's records as the parts write them (numbers made up, on an H100's peak)."""
 
-    def point(phase, job, batch, tokens_per_s, xla_flags="", **fields):
-        return dict(
-            kind="point", phase=phase, job=job, preset="124M", n_layer=12, n_embd=768, batch=batch, seq=16,
-            dtype="bfloat16", devices=1, tokens_per_s=tokens_per_s, xla_flags=xla_flags, **fields,
-        )  # fmt: skip
+    def point(part, job, batch, tokens_per_s, **fields):
+        return dict(kind="point", part=part, job=job, preset="124M", n_layer=12, n_embd=768, batch=batch, seq=1024,
+                    dtype="bfloat16", devices=1, tokens_per_s=tokens_per_s, xla_flags="") | fields  # fmt: skip
 
-    def decode(phase, batch, new_tokens, tokens_per_s, of_bw, **fields):
-        return point(phase, "decode", batch, tokens_per_s, new_tokens=new_tokens, per_token_ms=0.25,
-                     bandwidth_fraction=of_bw, bound_ms_per_step=0.1, **fields)  # fmt: skip
+    def decode(part, batch, new_tokens, tokens_per_s, of_bw, sampling="top-k 40", **fields):
+        return point(part, "decode", batch, tokens_per_s, new_tokens=new_tokens, per_token_ms=0.25, seq=16,
+                     bandwidth_fraction=of_bw, bound_ms_per_step=0.1, sampling=sampling, **fields)  # fmt: skip
 
-    smi = {"name": "NVIDIA H200", "power.limit": "700.00 W", "clocks.max.sm": "1980 MHz"}
-    records = [
-        dict(kind="device", environment={"device_kind": "NVIDIA H200"}, nvidia_smi=smi, peak_flops=989e12,
-             peak_source="datasheet (NVIDIA H200)", bf16_matmul_tflops=612.0, copy_gb_per_s=3380.0),
-        point("train", "train", 32, 560_000.0, mfu=0.48),
-        dict(kind="check", phase="train", batch=32, loss=11.0, plain_loss=11.001, loss_diff=1e-3, grad_norm=1.0,
+    def peer(name, batch, tokens_per_s, **fields):
+        return point(name.lower(), "train", batch, tokens_per_s, peer=name, mfu=tokens_per_s * 855166464 / 989e12,
+                     step_ms=batch * 1024 / tokens_per_s * 1e3, **fields)  # fmt: skip
+
+    def serve(clients, tokens_per_s, ttft):
+        return dict(kind="point", part="serve", job="serve", preset="124M", n_layer=12, n_embd=768, dtype="bfloat16",
+                    clients=clients, requests=4 * clients, seq=16, new_tokens=128, max_batch=16, chunk=None,
+                    max_len=192, tokens_per_s=tokens_per_s, ttft_p50_s=ttft / 2, ttft_p99_s=ttft, latency_p50_s=1.0,
+                    latency_p99_s=1.5, wall_s=3.0)  # fmt: skip
+
+    train_pattern = "/w/shards/shakespeare_train_*.bin"
+    smi = {"name": "NVIDIA H100 80GB HBM3", "power.limit": "700.00 W", "clocks.max.sm": "1980 MHz"}
+    return [
+        dict(kind="device", part="device", environment={"device_kind": "NVIDIA H100 80GB HBM3"}, nvidia_smi=smi,
+             peak_flops=989e12, peak_source="datasheet (NVIDIA H100 80GB HBM3)", bf16_matmul_tflops=790.0,
+             copy_gb_per_s=3000.0),
+        dict(kind="shards", part="shards", command="gpt2-jax prepare data/shakespeare /w/shards", shards=[{}] * 4,
+             tokens=456429, train_pattern=train_pattern, ok=True, error=None),
+        point("train", "train", 32, 560_000.0, mfu=0.484, data=train_pattern),
+        dict(kind="check", part="train", batch=32, loss=11.0, plain_loss=11.001, loss_diff=1e-3, grad_norm=1.0,
              plain_grad_norm=1.002, grad_norm_rel_diff=0.002, ok=True),
-        point("train", "train", 64, 590_000.0, mfu=0.51),
-        decode("decode", 1, 128, 4_100.0, 0.2),
+        point("train", "train", 64, 590_000.0, mfu=0.51, data=train_pattern),
+        dict(kind="peer_build", part="llmc", peer="llm.c", ok=True),
+        peer("llm.c", 32, 480_000.0, data=train_pattern, mfu_printed=0.38),
+        peer("llm.c", 64, 500_000.0, data=train_pattern, mfu_printed=0.39),
+        peer("nanoGPT", 32, 470_000.0, mfu_printed=1.2),
+        point("nanogpt", "train", 64, None, peer="nanoGPT", error="exit code 1"),
+        decode("decode", 1, 128, 4_100.0, 0.2, kernels_per_step=190.0),
+        decode("decode", 1, 128, 4_600.0, 0.22, sampling="greedy"),
         decode("decode", 64, 128, 70_000.0, 0.25),
         decode("decode", 64, 1000, 60_000.0, 0.2),
+        serve(1, 1000.0, 0.02), serve(16, 12_000.0, 0.05), serve(64, 13_000.0, 0.9),
+        dict(kind="lora", part="lora", variant="lora", remat=False, median_step_s=0.2, device_peak_bytes=9 * 2**30,
+             trainable_params=2_457_600),
+        dict(kind="lora", part="lora", variant="full", remat=False, error="stopped after 40 s"),
         decode("decode_pytorch", 1, 128, 4_000.0, 0.2, pytorch_tokens_per_s=100.0, ratio=40.0,
                pytorch_compiled_error="RuntimeError: no compiler"),
-        point("train_variant", "train", 32, 588_000.0, xla_flags="--xla_gpu_enable_cublaslt=true", mfu=0.5),
-        dict(kind="skipped", phase="decode_variant", job="decode", batch=1, reason="time limit"),
+        dict(kind="profile", part="profile", job="decode", **{"decode_trace top-k 40": dict(
+            kernels_per_step=193.2, busy_ms_per_step=0.41, step_ms=0.43)}),
+        dict(kind="skipped", part="topk", reason="budget: 10 s < 20 s"),
+        dict(kind="part", part="topk", status="stopped at its limit"),
     ]  # fmt: skip
-    lines = [json.dumps(r) for r in records] + ['{"kind": "point", "pha']  # the last cut short by a kill
+
+
+def test_gpu_call_summary_says_which_goals_were_met(tmp_path):
+    from benchmarks.gpu import summary
+
+    lines = [json.dumps(r) for r in gpu_records()] + ['{"kind": "point", "pa']  # the last cut short by a kill
     (tmp_path / "records.jsonl").write_text("\n".join(lines), encoding="utf-8")
-    gpu_verify.phase_summary(str(tmp_path), gpu_verify.SIZES)
+    saved = summary.write(str(tmp_path), dry=False)
     text = (tmp_path / "summary.txt").read_text(encoding="utf-8")
-    assert "power.limit 700.00 W" in text and "612 TFLOP/s bf16 matmul" in text
-    assert "[met] training 124M, T=1024, bfloat16: MFU >= 50%; measured: batch 32: 48.0%" in text  # batch 64: 51%
-    assert "[met] first step against a plain-loss step" in text
-    assert "[met] decode batch 1, 16+128 tokens, top-k 40: >= 4,000 tok/s" in text
-    assert "[NOT met] decode batch 64: >= 30% of the bandwidth bound" in text
-    assert "decode batch 1: PyTorch 40.00x, torch.compile n/a (RuntimeError: no compiler)" in text
-    assert "--xla_gpu_enable_cublaslt=true: train batch 32 588,000 tok/s (1.050x)" in text
-    assert "skipped: decode_variant decode batch 1: time limit" in text
-    (saved,) = tmp_path.glob("h200-verify-*.json")  # a name for benchmarks/results/
-    results = report.read_json(str(saved))
-    assert [g["met"] for g in results["goals"]] == [True, True, True, False, None, None, None]
-    assert len(results["points"]) == 7 and results["checks"][0]["ok"]
+    assert "power.limit 700.00 W" in text and "790 TFLOP/s bf16 matmul" in text
+    assert "[met] issue 21: training 124M, T=1024, bfloat16, ours: MFU >= 50%; measured: batch 32: 560,000" in text
+    assert "[met] issue 21: first step against a plain-loss step" in text
+    # Each at its best batch: ours 590,000 (64) over llm.c's 500,000 (64) is 1.18x; over nanoGPT's 470,000, 1.26x.
+    assert "[met] issue 21: ours / llm.c, each at its best batch: >= 1.15x tokens/s; measured: ours batch 64" in text
+    assert "= 1.18x" in text and "[NOT met] issue 21: ours / nanoGPT" in text and "= 1.26x" in text
+    assert "[met] issue 22: llm.c and ours train on gpt2-jax prepare's shards" in text and "llm.c: yes" in text
+    assert "lora: 200 ms/step, device peak 9.00 GiB, 2,457,600 trainable params; full: stopped after 40 s" in text
+    assert "[met] issue 20: decode batch 1, 16+128 tokens, top-k 40: >= 4,000 tok/s" in text
+    assert "190 kernels/step" in text and "greedy: for the record; measured: 4,600 tok/s" in text
+    assert "[NOT met] issue 20: decode batch 64: >= 30% of the bandwidth bound" in text
+    assert "16 clients: 12,000 tok/s (12.00x 1 client), TTFT p99 0.050 s" in text
+    assert "top-k 40: 193 kernels/step, 95% busy" in text
+    assert "batch 1: PyTorch 40.00x, torch.compile n/a" in text
+    assert "skipped: topk : budget: 10 s < 20 s" in text and "part: topk : stopped at its limit" in text
+    assert "llm.c    batch  64: 500,000 tok/s" in text and "nanoGPT  batch  64: FAILED: exit code 1" in text
+    assert os.path.basename(saved).startswith("h100-80gb-hbm3-verify-")  # a name for benchmarks/results/
+    results = report.read_json(saved)
+    assert [g["met"] for g in results["goals"][:5]] == [True, True, True, False, True]
+    assert len(results["points"]) == 14 and results["checks"][0]["ok"] and len(results["lora"]) == 2
 
 
-def test_gpu_verify_script_parses():
-    result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_verify.sh")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+@pytest.mark.slow  # every part of the call at toy sizes, each its own process: 3-5 minutes on 2 cores
+def test_gpu_call_dry_run_end_to_end(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    command = [sys.executable, "-m", "benchmarks.gpu", "--out", str(out), "--work", str(work), "--dry"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([*command, "--budget", "1200"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=HANG_S + 600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(os.listdir(out)) == sorted(["gpu.log", "records.jsonl", "summary.txt", next(out.glob("*.json")).name])
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()]
+    parts = {r["part"]: r["status"] for r in records if r["kind"] == "part"}
+    from benchmarks.gpu.__main__ import PARTS
+
+    assert parts == {p.name: "ok" for p in PARTS}, parts  # every part ran and ended well, in its own process
+    kinds = {r["kind"] for r in records}
+    assert {"device", "shards", "numerics", "check", "peer_build", "lora", "profile", "topk"} <= kinds
+    points = [r for r in records if r["kind"] == "point"]
+    shards = next(r for r in records if r["kind"] == "shards")
+    assert shards["ok"] and shards["tokens"] == 456_429  # data/shakespeare through gpt2-jax prepare
+    train = [p for p in points if p["part"] == "train"]
+    assert [p["batch"] for p in train] == [4, 8] and all(p["data"] == shards["train_pattern"] for p in train)
+    decode = [(p["batch"], p["new_tokens"], p["sampling"]) for p in points if p["part"] == "decode" and
+              p["job"] == "decode"]  # fmt: skip
+    assert decode == [(1, 16, "top-k 40"), (1, 16, "greedy"), (8, 16, "top-k 40"), (8, 96, "top-k 40")]
+    assert [p["clients"] for p in points if p["job"] == "serve"] == [1, 4]
+    assert all(p["pytorch_tokens_per_s"] > 0 for p in points if p["part"] == "decode_pytorch" and p["job"] == "decode")
+    assert [r["variant"] for r in records if r["kind"] == "lora" and "error" not in r] == ["lora", "full"]
+    peers = [r for r in records if r["kind"] == "skipped" and r.get("peer")]
+    assert [(r["peer"], r["batch"], r["reason"]) for r in peers] == [
+        ("llm.c", 4, "no GPU (dry run)"), ("llm.c", 8, "no GPU (dry run)"),
+        ("nanoGPT", 4, "no GPU (dry run)"), ("nanoGPT", 8, "no GPU (dry run)"),
+    ]  # fmt: skip
+    assert "-e d12 -b 4 -t 64" in peers[0]["command"] and "--batch_size=4" in peers[2]["command"]
+    build = next(r for r in records if r["kind"] == "peer_build")
+    assert build["dry"] and "-l:libcudnn.so.9" in build["commands"][2]  # the commands it would run, printed
+    text = (out / "summary.txt").read_text(encoding="utf-8")
+    assert text.startswith("DRY RUN at toy sizes") and "[-] issue 21: ours / llm.c" in text
+    log = (out / "gpu.log").read_text(encoding="utf-8")
+    assert "=== topk" in log and "llm.c build, in" in log and "=== done in" in log
 
 
 def test_data_benchmark_runs_at_toy_size_and_writes_its_points(tmp_path, capsys):

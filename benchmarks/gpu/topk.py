@@ -1,8 +1,9 @@
-"""What choosing the top k logits costs on a GPU, per way of doing it: the draw's share of a decode step.
+"""The topk part: what choosing the top k logits costs on a GPU, per way of doing it: the draw's share of a decode
+step (once benchmarks/gpu_topk.py).
 
-    python -m benchmarks.gpu_topk [--batches 1,64] [--k 40] [--json out.json]
+    python -m benchmarks.gpu.topk [--batches 1,64] [--k 40] [--json out.json]      # alone
 
-The decode profile (`benchmarks.gpu_profile --job decode`, H200, 124M bf16) put top-k 40 sampling at 0.05 ms of a
+The decode profile (`benchmarks.gpu.profile --job decode`, H200, 124M bf16) put top-k 40 sampling at 0.05 ms of a
 0.43 ms batch-1 step and 0.17 ms of 0.75 ms at batch 64, most of it one segmented sort. Each variant here picks the
 k largest of [B, 50257] float32 logits made by a bf16 head matmul (as in the decode loop: the pattern XLA sees
 decides whether it calls a top-k kernel or sorts), 200 times inside one jitted loop (the activations shifted every
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.gpu.common import Sizes, record
 from gpt2_jax.sampling.processors import TOP_K_BLOCK, two_stage_top_k
 
 N_VOCAB = 50257
@@ -54,8 +56,8 @@ VARIANTS = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "k"))
-def repeated(x_BD: jax.Array, head_DV: jax.Array, variant: str, k: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("variant", "k", "iterations"))
+def repeated(x_BD: jax.Array, head_DV: jax.Array, variant: str, k: int, iterations: int = ITERATIONS) -> jax.Array:
     def body(i, total):
         logits_BV = jnp.dot((x_BD + i.astype(x_BD.dtype) * 1e-3).astype(head_DV.dtype), head_DV)
         values, ids = VARIANTS[variant](logits_BV.astype(jnp.float32), k)
@@ -63,18 +65,51 @@ def repeated(x_BD: jax.Array, head_DV: jax.Array, variant: str, k: int) -> jax.A
         # that slot's, and a sort with no prefix slice after it is no longer rewritten into a top-k call.
         return total + values.sum() + ids.sum().astype(jnp.float32)
 
-    return jax.lax.fori_loop(0, ITERATIONS, body, jnp.float32(0))
+    return jax.lax.fori_loop(0, iterations, body, jnp.float32(0))
 
 
-def time_variant(x_BD: jax.Array, head_DV: jax.Array, variant: str, k: int) -> float:
+def time_variant(x_BD: jax.Array, head_DV: jax.Array, variant: str, k: int, iterations: int = ITERATIONS) -> float:
     """Microseconds per head matmul + top-k, median of 5 timed loops after a compile and a warm-up."""
-    jax.block_until_ready(repeated(x_BD, head_DV, variant, k))
+    jax.block_until_ready(repeated(x_BD, head_DV, variant, k, iterations))
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        jax.block_until_ready(repeated(x_BD, head_DV, variant, k))
+        jax.block_until_ready(repeated(x_BD, head_DV, variant, k, iterations))
         times.append(time.perf_counter() - start)
-    return 1e6 * float(np.median(times)) / ITERATIONS
+    return 1e6 * float(np.median(times)) / iterations
+
+
+def measure(batches: list[int], k: int, iterations: int = ITERATIONS) -> dict:
+    """Every variant at every batch (see the module doc), each checked against `full` first."""
+    rng = np.random.default_rng(0)
+    results = {"device": jax.devices()[0].device_kind, "k": k, "iterations": iterations, "points": []}
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    head_DV = jnp.asarray(rng.standard_normal((768, N_VOCAB)) / 768**0.5, dtype)
+    for batch in batches:
+        logits_BV = jnp.asarray(3 * rng.standard_normal((batch, N_VOCAB)), jnp.float32)
+        reference_values, reference_ids = jax.lax.top_k(logits_BV, k)
+        x_BD = jnp.asarray(3 * rng.standard_normal((batch, 768)), jnp.float32)
+        baseline = None
+        for variant in VARIANTS:
+            if variant != "argmax":
+                values, ids = VARIANTS[variant](logits_BV, k)
+                assert np.array_equal(np.asarray(values), np.asarray(reference_values)), variant
+                assert np.array_equal(np.asarray(ids), np.asarray(reference_ids)), variant
+            us = time_variant(x_BD, head_DV, variant, k, iterations)
+            baseline = us if baseline is None else baseline
+            point = {"batch": batch, "variant": variant, "us_per_call": us, "extra_us": us - baseline}
+            results["points"].append(point)
+            print(f"batch {batch:3d} {variant:10s} {us:8.1f} us, extra {us - baseline:7.1f} us", flush=True)
+        exact = np.asarray(block16_top_k(logits_BV, k)[2])
+        worst = np.asarray(block16_top_k(jnp.sort(logits_BV, axis=-1), k)[2])
+        results[f"block16_exact_batch{batch}"] = {"random": float(exact.mean()), "sorted_by_id": float(worst.mean())}
+        print(f"batch {batch:3d} block16 exact: {100 * exact.mean():.0f}% random, {100 * worst.mean():.0f}% sorted")
+    return results
+
+
+def run(out: str, work: str, sizes: Sizes) -> None:
+    batches, iterations = sizes.topk
+    record(out, "topk", **measure(list(batches), 40, iterations))
 
 
 def main() -> None:
@@ -83,31 +118,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=40)
     parser.add_argument("--json")
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    results = {"device": jax.devices()[0].device_kind, "k": args.k, "points": []}
-    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    head_DV = jnp.asarray(rng.standard_normal((768, N_VOCAB)) / 768**0.5, dtype)
-    for batch in (int(b) for b in args.batches.split(",")):
-        logits_BV = jnp.asarray(3 * rng.standard_normal((batch, N_VOCAB)), jnp.float32)
-        reference_values, reference_ids = jax.lax.top_k(logits_BV, args.k)
-        x_BD = jnp.asarray(3 * rng.standard_normal((batch, 768)), jnp.float32)
-        baseline = None
-        for variant in VARIANTS:
-            if variant != "argmax":
-                values, ids = VARIANTS[variant](logits_BV, args.k)
-                assert np.array_equal(np.asarray(values), np.asarray(reference_values)), variant
-                assert np.array_equal(np.asarray(ids), np.asarray(reference_ids)), variant
-            us = time_variant(x_BD, head_DV, variant, args.k)
-            baseline = us if baseline is None else baseline
-            point = {"batch": batch, "variant": variant, "us_per_call": us, "extra_us": us - baseline}
-            results["points"].append(point)
-            print(f"batch {batch:3d} {variant:10s} {us:8.1f} us, extra {us - baseline:7.1f} us", flush=True)
-        exact = np.asarray(block16_top_k(logits_BV, args.k)[2])
-        worst = np.asarray(block16_top_k(jnp.sort(logits_BV, axis=-1), args.k)[2])
-        results[f"block16_exact_batch{batch}"] = {"random": float(exact.mean()), "sorted_by_id": float(worst.mean())}
-        print(f"batch {batch:3d} block16 exact: {100 * exact.mean():.0f}% random, {100 * worst.mean():.0f}% sorted")
+    results = measure([int(b) for b in args.batches.split(",")], args.k)
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
 
 

@@ -1,46 +1,26 @@
-"""Accelerator sanity check before any timing: ceilings of this card, then correctness of bf16/cuDNN vs fp32.
+"""The check part: correctness on the card before the timings lean on it (once benchmarks/gpu_check.py).
 
-Prints the device, measures the two ceilings that bound everything else (a large bf16 matmul, a device-to-device
-copy), and checks on a random GPT-2 124M that bf16 compute with cuDNN attention stays close to an fp32 reference
-(`precision='highest'`, XLA attention), that cuDNN and XLA attention agree in bf16, and that cached decoding as
-every sampler runs it (`model/decode.py`: prefill, then one token per step, in bf16) equals one full forward pass on
-the device. Writes one JSON object to --json. Run by benchmarks/gpu.sh.
+On a random GPT-2 124M: bf16 compute with cuDNN attention against an fp32 reference (`precision='highest'`, XLA
+attention), cuDNN and XLA attention against each other in bf16, fp32 at the GPU's default precision (TF32), and
+cached decoding as every sampler runs it (`model/decode.py`: prefill, then one token per step, in bf16) against one
+full forward pass, all on the device. One 'numerics' record of relative L2 errors, max abs errors and losses.
+
+    python -m benchmarks.gpu.check [--json out.json]     # alone, on any device (toy sizes off a GPU)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bandwidth import measure_copy_bandwidth
+from benchmarks.gpu.common import Sizes, record
 from gpt2_jax.config import get_config
 from gpt2_jax.model import decode
 from gpt2_jax.model.transformer import GPT2, init_params
-
-
-def _time(fn, *args, repeats: int = 10) -> float:
-    """Median seconds of `fn(*args)` after a warm-up call (results blocked on)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def ceilings(n: int = 8192) -> dict[str, float]:
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul_s = _time(matmul, a, b)
-    copy_bytes_per_s = measure_copy_bandwidth(n * n * 32)  # 2 GiB at n=8192, in place (see bandwidth.py)
-    return {"bf16_matmul_tflops": 2 * n**3 / matmul_s / 1e12, "copy_gb_per_s": copy_bytes_per_s / 1e9}
 
 
 def rel_err(x: jax.Array, ref: jax.Array) -> float:
@@ -101,24 +81,23 @@ def cached_logits(params, cfg, tokens) -> tuple[jax.Array, int]:
     return jnp.stack(pieces, axis=1), t0 - 1
 
 
+def run(out: str, work: str, sizes: Sizes) -> None:
+    preset, batch, seq = sizes.check
+    record(out, "numerics", preset=preset, batch=batch, seq=seq, **correctness(preset, batch, seq))
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     device = jax.devices()[0]
-    result = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__}
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
     on_gpu = device.platform == "gpu"  # elsewhere: a smoke test at toy sizes
-    result.update(ceilings(8192 if on_gpu else 512))
-    print(
-        f"ceilings: {result['bf16_matmul_tflops']:.0f} TFLOP/s bf16 matmul, {result['copy_gb_per_s']:.0f} GB/s copy",
-        flush=True,
-    )
-    result.update(correctness() if on_gpu else correctness("tiny", 2, 64))
+    result = {"device": device.device_kind, **(correctness() if on_gpu else correctness("tiny", 2, 64))}
     for key, value in result.items():
         print(f"  {key}: {value}")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
 
 
