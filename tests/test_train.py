@@ -252,3 +252,20 @@ def test_a_sample_prompt_with_bytes_that_are_not_utf8_is_repaired_and_counted(ca
     repair_text_flags(values)
     assert values["sample_prompt"] == "ab\ufffdc"
     assert "1 invalid UTF-8 byte(s) in --sample_prompt were replaced" in capsys.readouterr().err
+
+
+def test_fine_tuning_a_saved_model_on_two_devices(corpus, tmp_path):
+    """A native model (or a run's checkpoint) loads onto one device; the run must still place it on both."""
+    from gpt2_jax.weights.loading import load_model
+    from gpt2_jax.weights.native import save_native_model
+
+    base = tmp_path / "base"
+    base.mkdir()
+    model = load_model("scratch:tiny")
+    save_native_model(base, model.params, model.config, model.tokenizer)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    flags = ["--init", str(base), "--dataset", str(corpus), "--devices", "2", "--steps", "2", "--seq_len", "16"]
+    flags += ["--batch_size", "4", "--sample_num", "0", "--val_every", "0", "--out", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "devices: 2 x cpu" in done.stdout + done.stderr

@@ -40,7 +40,14 @@ from gpt2_jax.training.mesh import check_batch, device_memory_bytes, gib, make_m
 from gpt2_jax.training.optim import OptimizerConfig
 from gpt2_jax.training.run_dir import RunDir
 from gpt2_jax.training.start import StartMode, resolve_start
-from gpt2_jax.training.state import abstract_state, choose_sharding, fresh_state, restored_state, step_functions
+from gpt2_jax.training.state import (
+    abstract_state,
+    choose_sharding,
+    fresh_state,
+    placeable,
+    restored_state,
+    step_functions,
+)
 from gpt2_jax.training.step import TrainState
 from gpt2_jax.weights import native
 from gpt2_jax.weights.loading import load_lora_base, load_model
@@ -130,7 +137,7 @@ def _prepare_locked(run: RunDir, explicit: dict[str, Any], bundled_dataset: str)
         abstract = abstract_state(model_config, optimizer, lora_config)
         begin = restored_state(run, checkpoints, start, abstract, compiled.shardings)
         if record is not None:
-            frozen = compiled.place_frozen(jax.device_get(params) if jax.process_count() > 1 else params)
+            frozen = compiled.place_frozen(placeable(params))
             begin = dataclasses.replace(begin, state=begin.state.replace(frozen=frozen))
     del params  # the state holds the only copy the run needs
     run.write_model(model_config, tokenizer, cfg.to_json(), lora=record.to_json() if record else None)

@@ -118,9 +118,16 @@ def fresh_state(
     if deleted:
         note(f"--overwrite: deleted checkpoints {', '.join(map(str, deleted))} of {run.path}")
     run.clear_outputs()
-    if jax.process_count() > 1:  # each process loaded its own copy: hand the step host arrays to place
-        params = jax.device_get(params)
-    return StartingPoint(state=init_state(params, seed), step=0, meta=None, records=[])
+    return StartingPoint(state=init_state(placeable(params), seed), step=0, meta=None, records=[])
+
+
+def placeable(params: Any) -> Any:
+    """Loaded params as a jit that places them on the mesh takes them. A native model or a run's checkpoint loads
+    onto this process's first device (weights/native.py), and a jit whose shardings span several devices refuses
+    arguments committed to one; host arrays go anywhere (in several processes, each hands its own copy)."""
+    if jax.process_count() > 1 or jax.device_count() > 1:
+        return jax.device_get(params)
+    return params
 
 
 def restored_state(
