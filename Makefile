@@ -19,8 +19,11 @@ endif
 endif
 
 $(RUNTIME): pyproject.toml requirements.txt
-	@$(PYTHON) -c '$(SUPPORTED)' 2>/dev/null || { echo "$(PYTHON) is not Python 3.11 or newer, which gpt2-jax needs;\
-	 run make again with PYTHON=python3.11 (or python3.12, python3.13)."; exit 1; }
+	@$(PYTHON) -c '$(SUPPORTED)' 2>/dev/null || { if $(PYTHON) -c '' 2>/dev/null; then \
+	  echo "$(PYTHON) is $$($(PYTHON) -V 2>&1), older than the Python 3.11 gpt2-jax needs;\
+	 run make again with PYTHON=python3.11 (or python3.12, python3.13)."; else \
+	  echo "$(PYTHON) does not run here (not installed, or not on PATH); install Python 3.11 or newer, or name one\
+	 that runs, e.g. make $@ PYTHON=/usr/bin/python3.11."; fi; exit 1; }
 	@if test -x $(BIN)/python && ! $(BIN)/python -c '$(SUPPORTED)'; then \
 	  echo "$(VENV) was built by $$($(BIN)/python -V), older than the 3.11 gpt2-jax needs: rebuilding it."; \
 	  rm -rf $(VENV); fi
