@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 
@@ -28,6 +26,7 @@ import jax
 import numpy as np
 
 from benchmarks import decode as decode_bench
+from benchmarks import kernels
 from benchmarks.train import model_config, random_batch, time_ours
 from gpt2_jax.config import get_config
 from gpt2_jax.model.decode import decode_weights
@@ -52,25 +51,12 @@ def top_kernels(trace_dir: str, limit: int = 25) -> list[tuple[str, float, int]]
 
 
 def kernel_totals(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
-    """Per kernel name: total ms and count of its events on the device streams of a Perfetto trace."""
+    """Per kernel name: total ms and count of its launches in a Perfetto trace (`kernels.kernel_events`)."""
     total: dict[str, float] = collections.defaultdict(float)
     count: dict[str, int] = collections.defaultdict(int)
-    paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-    if not paths:
-        return total, count
-    with gzip.open(sorted(paths)[-1], "rt") as f:
-        events = json.load(f)
-    events = events.get("traceEvents", events) if isinstance(events, dict) else events
-    names = {
-        e["pid"]: e.get("args", {}).get("name", "")
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name"
-    }
-    device_pids = {pid for pid, name in names.items() if "gpu" in name.lower() or "device" in name.lower()}
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in device_pids:
-            total[e["name"]] += e.get("dur", 0) / 1000
-            count[e["name"]] += 1
+    for e in kernels.kernel_events(kernels.load_trace(trace_dir)):
+        total[e["name"]] += e.get("dur", 0) / 1000
+        count[e["name"]] += 1
     return total, count
 
 
@@ -90,15 +76,19 @@ def profile_decode(out: str, batches: list[int], new_tokens: int, results: dict)
     trace_dir = os.path.join(out, "decode_trace")
     batch = batches[0]
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):  # 2 decode runs: the warm-up and one timed
-        decode_bench.time_ours(weights, config, prompts[batch], new_tokens, 40, 1)
-    total, count = kernel_totals(trace_dir)
-    steps = 2 * (new_tokens - 1)  # the 3 prefills' kernels are counted in too: a few hundred against thousands
-    busy_ms, kernels = sum(total.values()) / steps, sum(count.values()) / steps
+        timing = decode_bench.time_ours(weights, config, prompts[batch], new_tokens, 40, 1)
+    # Only the launches inside the decode calls' annotations: the prefills' are left out.
+    traced = kernels.trace_kernels_per_step(kernels.load_trace(trace_dir), steps=2 * (new_tokens - 1))
+    busy_ms, per_step = traced["busy_ms_per_step"], traced["kernels_per_step"]
     step_ms = results[f"decode batch {batch} top-k 40"]["step_ms"]
-    results["decode_trace"] = {"batch": batch, "kernels_per_step": kernels, "busy_ms_per_step": busy_ms}
+    results["decode_trace"] = {
+        "batch": batch, "kernels_per_step": per_step, "busy_ms_per_step": busy_ms,
+        "hlo_kernels_per_step": timing["kernels"]["kernels_per_step"],
+    }  # fmt: skip
     results["decode_top_kernels"] = top_kernels(trace_dir)
     print(
-        f"batch {batch} top-k 40: {kernels:.0f} kernels per decode step, {busy_ms:.3f} ms of kernel time per step "
+        f"batch {batch} top-k 40: {per_step:.0f} kernels per decode step in the trace "
+        f"({timing['kernels']['kernels_per_step']:.0f} counted in the HLO), {busy_ms:.3f} ms of kernel time per step "
         f"against {step_ms:.3f} ms per step ({100 * busy_ms / step_ms:.0f}% busy); top kernels, ms total / count:"
     )
     for name, ms, n in results["decode_top_kernels"]:

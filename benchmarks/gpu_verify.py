@@ -74,6 +74,7 @@ DRY_SIZES = Sizes("tiny", "float32", 64, (4, 8), (1, 8), 16, 16, 96, 512, 5.0, "
 # The goals of issue 13, and the figures before it (README.md: one H200, 2026-11-28).
 MFU_GOAL, LOSS_TOLERANCE, GRAD_NORM_TOLERANCE = 0.50, 1e-2, 0.01
 BATCH1_GOAL_TOKENS_PER_S, BANDWIDTH_GOAL, BANDWIDTH_STRETCH = 4000.0, 0.30, 0.50
+BATCH1_GOAL_KERNELS_PER_STEP = 60  # issue 20: launches per batch-1 decode step (193 in the 2026-11-30 trace)
 PREVIOUS = {
     "card": "NVIDIA H200, 2026-11-28 (benchmarks/README.md)",
     "train_32": {"tokens_per_s": 467_237, "mfu": 0.404},
@@ -213,9 +214,10 @@ def find(points: list[dict], phase: str, batch: int, new_tokens: int | None = No
 
 
 def decode_text(p: dict) -> str:
+    kernels = f", {p['kernels_per_step']:.0f} kernels/step" if p.get("kernels_per_step") is not None else ""
     return (
-        f"{p['tokens_per_s']:,.0f} tok/s, {p['per_token_ms']:.3f} ms/step, {100 * p['bandwidth_fraction']:.1f}% of "
-        f"the bound ({p['bound_ms_per_step']:.3f} ms/step)"
+        f"{p['tokens_per_s']:,.0f} tok/s, {p['per_token_ms']:.3f} ms/step{kernels}, "
+        f"{100 * p['bandwidth_fraction']:.1f}% of the bound ({p['bound_ms_per_step']:.3f} ms/step)"
     )
 
 
@@ -246,6 +248,11 @@ def goals(records: list[dict], sizes: Sizes) -> list[dict[str, Any]]:
         goal(f"decode batch {sizes.decode_batches[0]}, {sizes.prompt}+{sizes.new_tokens} tokens, top-k 40",
              f">= {BATCH1_GOAL_TOKENS_PER_S:,.0f} tok/s end to end", one and decode_text(one),
              one and one["tokens_per_s"] >= BATCH1_GOAL_TOKENS_PER_S),
+        goal(f"kernels per batch-{sizes.decode_batches[0]} decode step", f"<= {BATCH1_GOAL_KERNELS_PER_STEP} "
+             "(counted in the compiled decode loop, benchmarks/kernels.py)",
+             one and one.get("kernels_per_step") is not None and f"{one['kernels_per_step']:.1f}",
+             one and one.get("kernels_per_step") is not None
+             and one["kernels_per_step"] <= BATCH1_GOAL_KERNELS_PER_STEP),
         goal(f"decode batch {sizes.decode_batches[-1]}", f">= {BANDWIDTH_GOAL:.0%} of the bandwidth bound "
              f"(stretch {BANDWIDTH_STRETCH:.0%})", many and decode_text(many)
              + (" (stretch met)" if many["bandwidth_fraction"] >= BANDWIDTH_STRETCH else ""),
