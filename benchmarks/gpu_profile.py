@@ -75,7 +75,8 @@ def profile_decode(out: str, batches: list[int], new_tokens: int, results: dict)
             print(f"decode batch {batch:3d} {label:8s} {step_ms:7.3f} ms/step  compile {timing['compile_s']:.1f} s")
     trace_dir = os.path.join(out, "decode_trace")
     batch = batches[0]
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):  # 2 decode runs: the warm-up and one timed
+    options = kernels.profiler_options()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):  # warm-up and 1 run
         timing = decode_bench.time_ours(weights, config, prompts[batch], new_tokens, 40, 1)
     # Only the launches inside the decode calls' annotations: the prefills' are left out.
     traced = kernels.trace_kernels_per_step(kernels.load_trace(trace_dir), steps=2 * (new_tokens - 1))

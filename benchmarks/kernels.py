@@ -20,7 +20,8 @@ splits reductions, a dot stays a library call), so CPU and GPU counts of one pro
 `trace_kernels_per_step` counts what really ran from a `jax.profiler` trace (the `.trace.json.gz` it writes): the
 events of the device's streams on a GPU (kernels and memcpys), the thunks of XLA's CPU client threads on a CPU,
 inside the host-side `TraceAnnotation` windows (`DECODE_ANNOTATION`, around each timed decode call in
-benchmarks/decode.py), over the steps those windows ran. Note that XLA turns off CUDA graphs while profiling.
+benchmarks/decode.py), over the steps those windows ran. Trace with `profiler_options()`. Note that XLA turns off
+CUDA graphs while profiling.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import math
 import os
 import re
 from typing import Any
+
+import jax
 
 DECODE_ANNOTATION = "decode_steps"
 FREE_OPS = frozenset(
@@ -98,25 +101,26 @@ def _called(line: str, *attributes: str) -> list[str]:
     return names
 
 
-def launches(computations: dict, name: str, skip: str | None = None) -> collections.Counter:
-    """Launches (by kind) of one run of computation `name`, loops multiplied out; instruction `skip` left out."""
+def launches(computations: dict, name: str, skip: str | None = None, matching: str = "") -> collections.Counter:
+    """Launches (by kind) of one run of computation `name`, loops multiplied out; instruction `skip` left out, and
+    only those whose text contains `matching` (e.g. '= f32[8,64]', what they produce) counted."""
     counts: collections.Counter = collections.Counter()
     for instruction, opcode, line in computations[name]:
         if instruction == skip:
             continue
         if opcode == "while":  # with a known trip count XLA runs the body that often and never the condition
             trips = _trip_count(line)
-            counts += _times(launches(computations, *_called(line, "body")), trips or 1)
+            counts += _times(launches(computations, *_called(line, "body"), matching=matching), trips or 1)
             if trips is None:
-                counts += launches(computations, *_called(line, "condition"))
-        elif opcode == "call" and 'xla_cpu_small_call="true"' in line:
-            counts["call:small"] += 1  # XLA:CPU compiles a small callee (loops and all) into one function
+                counts += launches(computations, *_called(line, "condition"), matching=matching)
+        elif opcode == "call" and 'xla_cpu_small_call="true"' in line:  # XLA:CPU makes it one function, loops and all
+            counts["call:small"] += matching in line
         elif opcode == "call":
-            counts += launches(computations, *_called(line, "to_apply"))
+            counts += launches(computations, *_called(line, "to_apply"), matching=matching)
         elif opcode == "conditional":  # one branch runs: count the largest
             branches = _called(line, "branch_computations", "true_computation", "false_computation")
-            counts += max((launches(computations, b) for b in branches), key=lambda c: c.total())
-        elif opcode not in FREE_OPS:
+            counts += max((launches(computations, b, matching=matching) for b in branches), key=lambda c: c.total())
+        elif opcode not in FREE_OPS and matching in line:
             counts[_kind(opcode, line)] += 1
     return counts
 
@@ -157,6 +161,14 @@ def decode_step_kernels(hlo_text: str, steps: int, steps_per_iteration: int = 1)
 
 
 # --- from a profiler trace -------------------------------------------------------------------------------------------
+def profiler_options() -> jax.profiler.ProfileOptions:
+    """`jax.profiler.trace`'s options for counting launches: no Python tracer. Its events (every Python call while
+    JAX traces and compiles) fill the 1,000,000 events a `.trace.json.gz` keeps, and the launches are dropped."""
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    return options
+
+
 def load_trace(trace_dir: str) -> list[dict]:
     """The events of the newest `.trace.json.gz` under `trace_dir` (jax.profiler's Perfetto JSON); [] if none."""
     paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)

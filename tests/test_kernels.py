@@ -105,6 +105,8 @@ def test_the_hlo_rule_on_a_gpu_style_module_counted_by_hand():
         "copy-start": 1.0, "custom-call:TopK": 1.0, "custom-call:__cublas$gemm": 1.0,
         "fusion:kInput": (8 + 8) / 8, "fusion:kLoop": (8 + 1 + 1) / 8,
     }  # fmt: skip
+    # One run of the entry (its loop once) counting only the launches whose text matches: the 2 kInput fusions a step.
+    assert kernels.launches(*kernels.parse_hlo(GPU_STYLE_HLO), matching="kind=kInput") == {"fusion:kInput": 16}
 
 
 def tiny(n_layer: int) -> GPT2Config:
@@ -133,7 +135,7 @@ def test_each_layer_adds_the_same_kernels_and_top_k_adds_its_own():
 
 
 def test_the_hlo_count_is_what_a_cpu_trace_of_the_decode_calls_shows(tmp_path):
-    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True, profiler_options=kernels.profiler_options()):
         ours = timed(tiny(2), TOP_K, repeats=2)
     events = kernels.load_trace(str(tmp_path))
     traced = kernels.trace_kernels_per_step(events, steps=(2 + 1) * (6 - 1))  # warm-up and 2 runs of 5 steps
