@@ -9,13 +9,15 @@ bodies and conditions of while loops, the branches of conditionals and the calle
 launch if it does work: a fusion, a custom call (cuBLAS, cuDNN, TopK...), or an op left unfused (a dot on a CPU, a
 copy, a sort, a dynamic-update-slice). Parameters, constants, tuples, get-tuple-element, bitcasts and the control
 flow instructions themselves are free (XLA runs them on the host or as aliases), and a fusion's or custom call's
-inner computation is part of that one launch. A while loop's body and condition count once per iteration (its
-`known_trip_count` where XLA knows it). The decode loop's own while loop runs `steps_per_iteration` steps per
-iteration (the sampler's block of steps), so a step's count is the loop's per iteration over that, plus what the
-call runs outside the loop once, spread over the call's steps.
-On a GPU each launch is one kernel (or one memcpy). On a CPU each is one thunk of XLA's CPU runtime, a function call
-on the host: the count is the same idea, cheaper per unit (~1 us), and its fusions are smaller than a GPU's (XLA:CPU
-splits reductions, a dot stays a library call), so CPU and GPU counts of one program differ.
+inner computation is part of that one launch. A while loop's body counts once per iteration, its condition too
+unless XLA knows the trip count (`known_trip_count`: then it never runs the condition; checked against a CPU trace).
+The decode loop's own while loop runs `steps_per_iteration` steps per iteration (the sampler's block of steps), so a
+step's count is the loop's per iteration over that, plus what the call runs outside the loop once, spread over the
+call's steps. On a CPU, a call XLA marks small (`xla_cpu_small_call`) is compiled into one function: one launch.
+On a GPU each launch is about one kernel: a memcpy for a copy; a few launch more than one (a sort, a reduction split
+in two passes), and the trace count tells. On a CPU each is one thunk of XLA's CPU runtime, a function call on the
+host, cheaper per unit; its fusions are smaller than a GPU's (a dot stays a library call, a reduction is split), so
+the CPU and GPU counts of one program differ.
 
 `trace_kernels_per_step` counts what really ran from a `jax.profiler` trace (the `.trace.json.gz` it writes): the
 events of the device's streams on a GPU (kernels and memcpys), the thunks of XLA's CPU client threads on a CPU,
