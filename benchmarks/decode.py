@@ -26,12 +26,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import compare
+from benchmarks import compare, kernels
 from gpt2_jax.config import get_config
 from gpt2_jax.model.decode import decode_weights
 from gpt2_jax.model.transformer import init_params
 from gpt2_jax.sampling.generate import cache_slots, next_chunk, prompt_bucket
-from gpt2_jax.sampling.loop import decode_chunk, prefill_and_sample
+from gpt2_jax.sampling.loop import decode_chunk, default_steps_per_block, prefill_and_sample
 from gpt2_jax.sampling.processors import SamplingConfig
 
 NO_EOT = np.int32(-1)  # no row ever stops early: every run decodes exactly the asked number of tokens
@@ -46,10 +46,12 @@ def time_ours(
     repeats: int,
     sampling: SamplingConfig | None = None,
 ) -> dict[str, Any]:
-    """{'compile_s': seconds, 'prefill_s': [seconds per run], 'decode_s': [seconds per run]}: the compile, then for
-    each of `repeats` runs after a warm-up the prefill (+ first draw) and the decoding of the other `new_tokens - 1`
-    in the chunks generate.py would run (one, or one per attention window on an accelerator). `sampling` replaces
-    the top-k sampling (e.g. greedy, to see what the draw costs)."""
+    """{'compile_s': seconds, 'prefill_s': [seconds per run], 'decode_s': [seconds per run], 'kernels': counts}: the
+    compile, then for each of `repeats` runs after a warm-up the prefill (+ first draw) and the decoding of the other
+    `new_tokens - 1` in the chunks generate.py would run (one, or one per attention window on an accelerator), and
+    the kernels per decode step counted from the compiled chunks (`decode_kernels`). `sampling` replaces the top-k
+    sampling (e.g. greedy, to see what the draw costs). Each run's decode calls lie in a `kernels.DECODE_ANNOTATION`
+    trace annotation, for `kernels.trace_kernels_per_step` when a profiler is on."""
     B, T = prompt_BT.shape
     slots = cache_slots(prompt_bucket(T, config.n_ctx) + new_tokens - 1, config.n_ctx)  # generate.py's buckets
     static = dict(config=config, sampling=sampling or SamplingConfig(top_k=top_k))
@@ -76,10 +78,11 @@ def time_ours(
         return state
 
     def run_decode(state):
-        for steps, window in chunks:  # each call donates `state`: a fresh prefill for every run
-            state, _, n = decode[window](weights, state, np.int32(steps), stop_B, NO_EOT)
-            assert int(n) == steps
-        return jax.block_until_ready(state)
+        with jax.profiler.TraceAnnotation(kernels.DECODE_ANNOTATION):
+            for steps, window in chunks:  # each call donates `state`: a fresh prefill for every run
+                state, _, n = decode[window](weights, state, np.int32(steps), stop_B, NO_EOT)
+                assert int(n) == steps
+            return jax.block_until_ready(state)
 
     run_decode(run_prefill())  # warm-up
     prefill_s, decode_s = [], []
@@ -90,7 +93,21 @@ def time_ours(
         run_decode(state)
         prefill_s.append(middle - start)
         decode_s.append(time.perf_counter() - middle)
-    return {"compile_s": compile_s, "prefill_s": prefill_s, "decode_s": decode_s}
+    counted = decode_kernels([(decode[window].as_text(), steps) for steps, window in chunks])
+    return {"compile_s": compile_s, "prefill_s": prefill_s, "decode_s": decode_s, "kernels": counted}
+
+
+def decode_kernels(calls: list[tuple[str, int]]) -> dict[str, Any]:
+    """Kernels per decode step over a generation's decode calls, each (its compiled HLO text, steps it runs):
+    `kernels_per_step` (all launches over all steps) and `kernels_by_kind` (per step, of the longest call's loop);
+    benchmarks/kernels.py says what a kernel is on each backend."""
+    counts = [kernels.decode_step_kernels(hlo, steps, default_steps_per_block()) for hlo, steps in calls]
+    total_steps = sum(steps for _, steps in calls)
+    longest = max(range(len(calls)), key=lambda i: calls[i][1])
+    return {
+        "kernels_per_step": round(sum(c["launches"] for c in counts) / total_steps, 1),
+        "kernels_by_kind": counts[longest]["breakdown"],
+    }
 
 
 def hf_model(params: Any, config: Any, *, device: str = "cpu", dtype: str = "float32") -> Any:
@@ -190,7 +207,8 @@ def run(
                 )  # fmt: skip
                 decode = dict(
                     job="decode", **common, tokens_per_s=batch * new_tokens / generate_s,
-                    per_token_ms=1e3 * decode_s / max(new_tokens - 1, 1), pytorch_tokens_per_s=None, ratio=None,
+                    per_token_ms=1e3 * decode_s / max(new_tokens - 1, 1), **ours["kernels"],
+                    pytorch_tokens_per_s=None, ratio=None,
                 )  # fmt: skip
                 for column, backend in compare.columns(torch_compile) if pytorch else []:
                     seconds = functools.partial(
@@ -209,7 +227,8 @@ def run(
 def format_point(p: dict) -> str:
     line = (
         f"{p['preset']:>5} {p['dtype']:>8} batch {p['batch']:>3} prompt {p['seq']:>4} new {p['new_tokens']:>5}: "
-        f"{p['tokens_per_s']:8.1f} tok/s  {p['per_token_ms']:7.2f} ms/step  compile {p['compile_s']:6.2f} s"
+        f"{p['tokens_per_s']:8.1f} tok/s  {p['per_token_ms']:7.2f} ms/step  {p['kernels_per_step']:6.1f} kernels/step"
+        f"  compile {p['compile_s']:6.2f} s"
     )
     if p.get("ratio"):
         line += f"  | PyTorch {p['pytorch_tokens_per_s']:8.1f} tok/s  ratio {p['ratio']:.2f}x"

@@ -93,6 +93,7 @@ def _row(p: dict[str, Any], scaling: bool) -> list[str]:
         _number(p["model_flops_per_s"] / 1e12, 2) if p.get("model_flops_per_s") else "-",
         "-" if memory is None else f"{memory / 2**30:.1f}",
         _percent(p.get("bandwidth_fraction")),
+        _number(p.get("kernels_per_step")),
         *_pytorch_cells(p, "pytorch", "ratio"),
         *_pytorch_cells(p, "pytorch_compiled", "ratio_compiled"),
     ]
@@ -107,7 +108,7 @@ def _pytorch_cells(p: dict[str, Any], column: str, ratio: str) -> list[str]:
 
 HEADER = [
     "job", "model", "batch", "seq", "dtype", "attn", "remat", "unroll", "dev", "tok/s", "min-max", "compile s", "MFU",
-    "TFLOP/s", "peak GiB", "of BW", "PyTorch tok/s", "ratio", "torch.compile tok/s", "ratio",
+    "TFLOP/s", "peak GiB", "of BW", "kern/step", "PyTorch tok/s", "ratio", "torch.compile tok/s", "ratio",
 ]  # fmt: skip
 SCALING_COLUMN = "scaling"  # after min-max, where any point has a scaling_efficiency
 SCALING_NOTE = (

@@ -26,6 +26,9 @@ Fields of a point:
     mfu, peak_flops, peak_source   train: model FLOP/s over the peak of the devices used
     memory_bytes_in_use, memory_peak_bytes   where the backend reports them (peak since the process started)
     bandwidth_fraction, bound_ms_per_step, bytes_per_step   decode: see benchmarks/bandwidth.py
+    kernels_per_step, kernels_by_kind   decode: launches per decode step counted from the compiled decode loop, and
+                        by fusion kind / custom-call target / opcode (benchmarks/kernels.py: kernels on a GPU, thunks
+                        of XLA's CPU runtime on a CPU)
     first_loss, first_grad_norm   train: the loss and gradient norm of the first step (before any update)
     pytorch_tokens_per_s, pytorch_tokens_per_s_min/_max, ratio   with --compare pytorch
     pytorch_compiled_tokens_per_s (_min/_max), ratio_compiled, pytorch_compiled_backend   the same under
@@ -306,6 +309,7 @@ class Runner:
         point.update(
             compile_s=compile_s,
             per_token_ms=1e3 * step_s,
+            **ours["kernels"],
             model_flops_per_s=point["tokens_per_s"] * flops_per_token(config, context, training=False),
             **bandwidth.decode_bound(
                 config, batch=batch, prompt_len=sweep.seq, new_tokens=new_tokens, dtype=sweep.dtype,
@@ -324,7 +328,8 @@ class Runner:
             self._compare(point, batch * new_tokens, seconds, sweep.torch_compile)
         self.log(
             f"decode  {base['preset']} batch {batch:>3} {sweep.seq}+{new_tokens}: {point['tokens_per_s']:,.1f} tok/s, "
-            f"{point['per_token_ms']:.2f} ms/step, {100 * point['bandwidth_fraction']:.0f}% of the bandwidth bound, "
+            f"{point['per_token_ms']:.2f} ms/step, {point['kernels_per_step']:.0f} kernels/step, "
+            f"{100 * point['bandwidth_fraction']:.0f}% of the bandwidth bound, "
             f"compile {compile_s:.1f} s" + compare.ratio_text(point)
         )
         return [prefill, point]

@@ -389,6 +389,7 @@ def test_gpu_call_summary_says_which_goals_were_met(tmp_path):
     assert "lora: 200 ms/step, device peak 9.00 GiB, 2,457,600 trainable params; full: stopped after 40 s" in text
     assert "[met] issue 20: decode batch 1, 16+128 tokens, top-k 40: >= 4,000 tok/s" in text
     assert "190 kernels/step" in text and "greedy: for the record; measured: 4,600 tok/s" in text
+    assert "[NOT met] issue 20: kernels per batch-1 decode step, top-k 40: <= 60" in text
     assert "[NOT met] issue 20: decode batch 64: >= 30% of the bandwidth bound" in text
     assert "16 clients: 12,000 tok/s (12.00x 1 client), TTFT p99 0.050 s" in text
     assert "top-k 40: 193 kernels/step, 95% busy" in text

@@ -21,7 +21,7 @@ from gpt2_jax.model.decode import decode_weights
 from gpt2_jax.model.transformer import abstract_params
 from gpt2_jax.sampling.generate import STOP_EOT, STOP_LENGTH, STOP_STRING, Request, generate_tokens
 from gpt2_jax.sampling.loop import decode_chunk, prefill_and_sample
-from gpt2_jax.sampling.processors import SamplingConfig, next_token
+from gpt2_jax.sampling.processors import SamplingConfig, argmax_ids, next_token, next_token_per_row
 from gpt2_jax.sampling.sampler import Sampler, generate_text
 from gpt2_jax.sampling.text import RowText
 from gpt2_jax.tokenizers.gpt2_bpe import gpt2_tokenizer
@@ -194,6 +194,24 @@ def test_repetition_penalty_and_banned_ids():
     keys = jax.random.split(jax.random.key(0), 1)
     for _ in range(3):
         assert int(next_token(logits, keys, None, SamplingConfig(top_k=2, banned_ids=(0, 3)))[0]) in (2, 4)
+
+
+def test_greedy_takes_top_k_1s_token_ties_and_nan_included():
+    """Greedy is argmax alone (`argmax_ids`: top-k 1 on a CPU, argmax elsewhere), the server's greedy rows the first
+    top-k candidate: all the same token, the lowest id of ties, a NaN first, id 0 when nothing is drawable."""
+    logits_BV = np.random.default_rng(5).integers(-2, 3, size=(6, 50)).astype(np.float32)  # many ties for the max
+    logits_BV[4, [7, 30]] = np.nan
+    logits_BV[5] = -np.inf
+    logits_BV = jnp.asarray(logits_BV)
+    top_1 = jax.lax.top_k(logits_BV, 1)[1][:, 0]
+    assert top_1.tolist()[4:] == [7, 0] and top_1.tolist()[:4] == np.argmax(np.asarray(logits_BV[:4]), -1).tolist()
+    for backend in ("cpu", "gpu"):
+        np.testing.assert_array_equal(argmax_ids(logits_BV, backend), top_1)
+    keys_B = jax.random.split(jax.random.key(0), 6)
+    greedy = next_token(logits_BV, keys_B, None, GREEDY)
+    np.testing.assert_array_equal(greedy, next_token(logits_BV, keys_B, None, SamplingConfig(top_k=1)))
+    per_row, _ = next_token_per_row(logits_BV, keys_B, jnp.zeros(6), jnp.full(6, 40), jnp.ones(6), 40)
+    np.testing.assert_array_equal(per_row, top_1)
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 import shutil
@@ -30,6 +28,7 @@ import jax
 import numpy as np
 
 from benchmarks import decode as decode_bench
+from benchmarks import kernels
 from benchmarks.gpu.common import Sizes, record
 from benchmarks.train import model_config, random_batch, time_ours
 from gpt2_jax.config import get_config
@@ -48,25 +47,12 @@ VARIANTS = {
 
 
 def kernel_totals(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
-    """Per kernel name: total ms and count of its events on the device streams of a Perfetto trace."""
+    """Per kernel name: total ms and count of its launches in a Perfetto trace (`kernels.kernel_events`)."""
     total: dict[str, float] = collections.defaultdict(float)
     count: dict[str, int] = collections.defaultdict(int)
-    paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-    if not paths:
-        return total, count
-    with gzip.open(sorted(paths)[-1], "rt") as f:
-        events = json.load(f)
-    events = events.get("traceEvents", events) if isinstance(events, dict) else events
-    names = {
-        e["pid"]: e.get("args", {}).get("name", "")
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name"
-    }
-    device_pids = {pid for pid, name in names.items() if "gpu" in name.lower() or "device" in name.lower()}
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in device_pids:
-            total[e["name"]] += e.get("dur", 0) / 1000
-            count[e["name"]] += 1
+    for e in kernels.kernel_events(kernels.load_trace(trace_dir)):
+        total[e["name"]] += e.get("dur", 0) / 1000
+        count[e["name"]] += 1
     return total, count
 
 
@@ -88,21 +74,25 @@ def profile_decode(out: str, batches: list[int], new_tokens: int, results: dict,
     batch = batches[0]
     for label, sampling in samplings.items():
         trace_dir = os.path.join(out, "decode_trace")
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):  # 2 decode runs: the warm-up and one timed
-            decode_bench.time_ours(weights, config, prompts[batch], new_tokens, 40, 1, sampling=sampling)
+        options = kernels.profiler_options()  # 2 decode runs traced: the warm-up and one timed
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
+            timing = decode_bench.time_ours(weights, config, prompts[batch], new_tokens, 40, 1, sampling=sampling)
+        # Only the launches inside the decode calls' annotations: the prefills' are left out.
+        traced = kernels.trace_kernels_per_step(kernels.load_trace(trace_dir), steps=2 * (new_tokens - 1))
         total, count = kernel_totals(trace_dir)
         shutil.rmtree(trace_dir, ignore_errors=True)
-        steps = 2 * (new_tokens - 1)  # the 3 prefills' kernels are counted in too: a few hundred against thousands
-        busy_ms, kernels = sum(total.values()) / steps, sum(count.values()) / steps
+        busy_ms, per_step = traced["busy_ms_per_step"], traced["kernels_per_step"]
         step_ms = results[f"decode batch {batch} {label}"]["step_ms"]
         top = sorted(total.items(), key=lambda kv: -kv[1])[:25]
         results[f"decode_trace {label}"] = {
-            "batch": batch, "kernels_per_step": kernels, "busy_ms_per_step": busy_ms, "step_ms": step_ms,
+            "batch": batch, "kernels_per_step": per_step, "busy_ms_per_step": busy_ms, "step_ms": step_ms,
+            "hlo_kernels_per_step": timing["kernels"]["kernels_per_step"],
             "top_kernels": [(name, ms, count[name]) for name, ms in top],
         }  # fmt: skip
         print(
-            f"batch {batch} {label}: {kernels:.0f} kernels per decode step, {busy_ms:.3f} ms of kernel time per step "
-            f"against {step_ms:.3f} ms per step ({100 * busy_ms / step_ms:.0f}% busy); top kernels, ms total / count:"
+            f"batch {batch} {label}: {per_step:.0f} kernels per decode step in the trace "
+            f"({timing['kernels']['kernels_per_step']:.0f} counted in the HLO), {busy_ms:.3f} ms of kernel time per "
+            f"step against {step_ms:.3f} ms per step ({100 * busy_ms / step_ms:.0f}% busy); top kernels, ms / count:"
         )
         for name, ms in top:
             print(f"  {ms:9.2f} ms {count[name]:6d}x  {name[:110]}")

@@ -6,6 +6,7 @@ transformer.py  the Flax `GPT2` module (layers stacked and scanned; LoRA and dro
 lora.py         LoRA adapters: targets, shapes, init, merging into the base weights
 decode.py       the only cached forward, run by every sampler: `DecodeWeights`, `init_cache`, `forward` (prefill
                 or one step)
+kv_cache.py     its cache: the two layouts (an array per layer on a CPU, one buffer on accelerators), their writes
 params.py       the parameter table: every tensor's name, shape and its OpenAI and Hugging Face names
 flops.py        FLOPs per token (nanoGPT's formula) and device peaks for MFU
 """

@@ -7,19 +7,22 @@ matmul), and the matmul kernels are much slower for [M, in] @ [in, out] with sma
 Measured on the 2-core CPU (124M, float32, a greedy loop of 64 steps, the same tokens from both): a KV cache
 inside the Flax module took 40.6 ms/step at batch 1 and 101 ms/step at batch 8; this forward takes 14.7 and 33.3
 (2.8x and 3.0x faster), so it is the one kept. It runs on `DecodeWeights`: per-layer matrices stored [out, in] in
-the compute dtype (also half the bytes in bfloat16), activations kept feature-major `[D, M]` (M = B * T columns),
-and one KV cache array per layer, `[B*N, S, K]`: the attention reads it without a transpose, and with no size-1
-axis at batch 1 XLA does not copy it every step. The math is `ops.py`'s, shared with the training forward;
-tests/test_decoding.py compares this forward's logits with it and with Hugging Face's.
+the compute dtype (also half the bytes in bfloat16), activations kept feature-major `[D, M]` (M = B * T columns).
+The math is `ops.py`'s, shared with the training forward; tests/test_decoding.py compares this forward's logits with
+it and with Hugging Face's.
 
-The cache (`init_cache`): slots written at a shared `index`, a per-row `valid` mask and real-token `length` (the next
-position), so left-padded prompts decode exactly as unpadded ones. With `per_row`, each row has its own write index
-instead (a server's rows join and leave at different times, so a row's slots are its positions). Slots fill from the
-front, so a call that knows how far they will be filled attends over that many leading slots only (`window`, static: one
-compilation per window size), not over the empty rest of the cache. A step with `write` False (a decode loop's masked
-step) leaves the cache bit for bit as it was.
+The cache (`kv_cache.py`, `init_cache`): slots written at a shared `index`, a per-row `valid` mask and real-token
+`length` (the next position), so left-padded prompts decode exactly as unpadded ones. With `per_row`, each row has
+its own write index instead (a server's rows join and leave at different times, so a row's slots are its
+positions). Its keys and values lie in one of two layouts: an array per layer and kind (the CPU's: each layer writes
+its tokens, then attends over its cache), or one buffer for all (accelerators': the tokens are attended apart from
+the cache, and one write per call stores every layer's). Slots fill from the front, so a call that knows how far they
+will be filled attends over that many leading slots only (`window`, static: one compilation per window size), not
+over the empty rest of the cache. A step with `write` False (a decode loop's masked step) leaves the cache bit for
+bit as it was.
 Axis legend: B batch, T new positions, M = B*T, S cache slots, W attended slots (the first W of S), D n_embd,
-F MLP width (4D), N heads, H = B*N, K head dim, V vocabulary, I and O a linear layer's input and output features.
+F MLP width (4D), N heads, H = B*N, K head dim, V vocabulary, I and O a linear layer's input and output features,
+L layers.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.errors import UserError
-from gpt2_jax.model import ops
+from gpt2_jax.model import kv_cache, ops
+from gpt2_jax.model.kv_cache import init_cache
 from gpt2_jax.model.params import LINEARS
+
+__all__ = ["DecodeWeights", "decode_weights", "forward", "init_cache"]  # init_cache: kv_cache's, for `forward`
 
 Array = jax.Array
 
@@ -72,29 +77,6 @@ def decode_weights(params: Any, config: GPT2Config) -> DecodeWeights:
     return DecodeWeights(wte, jnp.asarray(params["wpe"]), ln_f, wte.astype(head_dtype), layers)
 
 
-def init_cache(config: GPT2Config, batch: int, max_len: int, *, per_row: bool = False) -> dict[str, Any]:
-    """An empty cache of `max_len` slots for `batch` rows, as `forward` takes it:
-
-    k, v    per layer [B*N, S, K]  keys and values (row b*N + n: head n of batch row b), compute dtype
-    valid   [B, S] bool            which slots hold a real token (padding and unwritten slots are False)
-    index   []     int32           the next slot to write, shared by the batch (so prompts are left-padded)
-            [B]    int32           with `per_row`: each row's own next slot (a server's rows join at any time)
-    length  [B]    int32           real tokens seen per row: the position (wpe row) of the row's next token
-    """
-    if not 1 <= max_len <= config.n_ctx:
-        raise UserError(
-            f"A decoding cache of max_len={max_len} tokens does not fit the model's context; "
-            f"choose 1 to n_ctx={config.n_ctx} (prompt plus new tokens)."
-        )
-    if batch < 1:
-        raise UserError(f"A decoding cache needs a batch of at least 1 row, got {batch}.")
-    kv_shape = (batch * config.n_head, max_len, config.head_dim)
-    k, v = ([jnp.zeros(kv_shape, config.dtype) for _ in range(config.n_layer)] for _ in range(2))
-    valid = jnp.zeros((batch, max_len), bool)
-    index = jnp.zeros((batch,) if per_row else (), jnp.int32)
-    return {"k": k, "v": v, "valid": valid, "index": index, "length": jnp.zeros((batch,), jnp.int32)}
-
-
 def linear(x_IM: Array, p: dict[str, Array]) -> Array:
     return jnp.dot(p["w_OI"], x_IM) + p["b"][:, None]
 
@@ -103,39 +85,70 @@ def layer_norm(x_DM: Array, p: dict[str, Array], eps: float, dtype: Any) -> Arra
     return ops.layer_norm(x_DM, p["g"], p["b"], eps, dtype, axis=0)
 
 
-def block(
-    x_DM: Array,
-    p: dict[str, Any],
-    k_HSK: Array,
-    v_HSK: Array,
-    mask_HTW: Array,
-    index: Array,
-    write: Array | bool,
+def attention_inputs(x_DM: Array, p: dict[str, Any], B: int, config: GPT2Config) -> tuple[Array, Array]:
+    """A block's queries `[H, T, K]` and its new keys and values `[2, H, T, K]` (in the cache's dtype, the compute
+    dtype: attended as they will be read back from the cache)."""
+    dtype, N, K = jnp.dtype(config.dtype), config.n_head, config.head_dim
+    h_IM = layer_norm(x_DM, p["ln_1"], config.layer_norm_epsilon, dtype)
+    qkv_3NKBT = linear(h_IM, p["attn/c_attn"]).reshape(3, N, K, B, -1)
+    qkv_3HTK = qkv_3NKBT.transpose(0, 3, 1, 4, 2).reshape(3, B * N, -1, K)
+    return qkv_3HTK[0], qkv_3HTK[1:].astype(dtype)
+
+
+def block_output(x_DM: Array, a_HTK: Array, p: dict[str, Any], config: GPT2Config) -> Array:
+    """The rest of a block after its attention `a_HTK`: the projection, the residual and the MLP."""
+    dtype, N, K = jnp.dtype(config.dtype), config.n_head, config.head_dim
+    a_NKBT = a_HTK.astype(dtype).reshape(-1, N, a_HTK.shape[1], K).transpose(1, 3, 0, 2)
+    x_DM = x_DM + linear(a_NKBT.reshape(N * K, -1), p["attn/c_proj"])
+    h_FM = ops.gelu(linear(layer_norm(x_DM, p["ln_2"], config.layer_norm_epsilon, dtype), p["mlp/c_fc"]))
+    return x_DM + linear(h_FM, p["mlp/c_proj"])
+
+
+def layers_per_layer_cache(
+    weights: DecodeWeights, x_DM: Array, cache: dict[str, Any], ctx: dict[str, Array], W: int, write: Array | bool,
     config: GPT2Config,
-) -> tuple[Array, Array, Array]:
-    """One transformer block on feature-major activations: writes this chunk's keys/values at `index` (unless
-    `write` is False), attends over the first W slots (W = `mask_HTW`'s width)."""
-    dtype, eps = jnp.dtype(config.dtype), config.layer_norm_epsilon
-    N, K = config.n_head, config.head_dim
-    B, T, W = mask_HTW.shape[0] // N, mask_HTW.shape[1], mask_HTW.shape[2]
-    qkv_3NKBT = linear(layer_norm(x_DM, p["ln_1"], eps, dtype), p["attn/c_attn"]).reshape(3, N, K, B, T)
-    q_HTK, k_HTK, v_HTK = qkv_3NKBT.transpose(0, 3, 1, 4, 2).reshape(3, B * N, T, K)
-    k_HSK, v_HSK = (_written(cache, new, index, write) for cache, new in ((k_HSK, k_HTK), (v_HSK, v_HTK)))
-    a_BNTK = ops.attention(q_HTK, k_HSK[:, :W], v_HSK[:, :W], mask_HTW).astype(dtype).reshape(B, N, T, K)
-    x_DM = x_DM + linear(a_BNTK.transpose(1, 3, 0, 2).reshape(N * K, B * T), p["attn/c_proj"])
-    h_FM = ops.gelu(linear(layer_norm(x_DM, p["ln_2"], eps, dtype), p["mlp/c_fc"]))
-    return x_DM + linear(h_FM, p["mlp/c_proj"]), k_HSK, v_HSK
+) -> tuple[Array, dict[str, Any]]:  # fmt: skip
+    """Every block over a cache of one array per layer and kind: each writes its keys and values at the index, then
+    attends over the first W slots (which cover them); with W 0 (a fresh cache) over the new tokens alone."""
+    B, N = ctx["new_mask_BTT"].shape[0], config.n_head
+    mask_HTW = jnp.repeat(ctx["mask_BTS"][:, :, :W], N, axis=0)
+    new_mask_HTT = jnp.repeat(ctx["new_mask_BTT"], N, axis=0)
+    ks, vs = [], []
+    for p, k_HSK, v_HSK in zip(weights.h, cache["k"], cache["v"]):
+        q_HTK, (k_HTK, v_HTK) = attention_inputs(x_DM, p, B, config)
+        k_HSK, v_HSK = (kv_cache.write(c, new, cache["index"], write) for c, new in ((k_HSK, k_HTK), (v_HSK, v_HTK)))
+        if W:
+            a_HTK = ops.attention(q_HTK, k_HSK[:, :W], v_HSK[:, :W], mask_HTW)
+        else:
+            a_HTK = ops.attention(q_HTK, k_HTK, v_HTK, new_mask_HTT)
+        x_DM = block_output(x_DM, a_HTK, p, config)
+        ks.append(k_HSK)
+        vs.append(v_HSK)
+    return x_DM, {"k": ks, "v": vs}
 
 
-def _written(cache_HSK: Array, new_HTK: Array, index: Array, write: Array | bool) -> Array:
-    new_HTK = new_HTK.astype(cache_HSK.dtype)
-    if index.ndim:  # per-row slots: one in-place write per attention problem (a scatter into the donated cache)
-        index_H = jnp.repeat(index, cache_HSK.shape[0] // index.shape[0])
-        write_one = lambda c_SK, n_TK, i: jax.lax.dynamic_update_slice(c_SK, n_TK, (i, 0))
-        return jax.vmap(write_one)(cache_HSK, new_HTK, index_H)
-    if write is not True:  # a masked step puts back what the slots held (the write index is clamped at the end)
-        new_HTK = jnp.where(write, new_HTK, jax.lax.dynamic_slice(cache_HSK, (0, index, 0), new_HTK.shape))
-    return jax.lax.dynamic_update_slice(cache_HSK, new_HTK, (0, index, 0))
+def layers_one_buffer_cache(
+    weights: DecodeWeights, x_DM: Array, cache: dict[str, Any], ctx: dict[str, Array], W: int, write: Array | bool,
+    config: GPT2Config,
+) -> tuple[Array, dict[str, Any]]:  # fmt: skip
+    """Every block over a cache of one buffer: each attends over its first W cached slots and the new tokens apart,
+    and one write stores every layer's keys and values, just before the last layer's attention (`kv_cache.py` says
+    why there); with W 0 (a fresh cache) the blocks read no cache and the write follows them."""
+    B, N, L = ctx["new_mask_BTT"].shape[0], config.n_head, config.n_layer
+    cache_mask_HW = jnp.repeat(ctx["cache_mask_BS"][:, :W], N, axis=0)
+    new_mask_HTT = jnp.repeat(ctx["new_mask_BTT"], N, axis=0)
+    kv_L2HSK, new = cache["kv"], []
+    for layer, p in enumerate(weights.h):
+        q_HTK, kv_2HTK = attention_inputs(x_DM, p, B, config)
+        new.append(kv_2HTK)
+        if W and layer == L - 1:
+            kv_L2HSK = kv_cache.write(kv_L2HSK, jnp.stack(new), cache["index"], write)
+        cached_2HWK = kv_L2HSK[layer, :, :, :W] if W else None
+        a_HTK = ops.cached_attention(q_HTK, *kv_2HTK, new_mask_HTT, cached_2HWK, cache_mask_HW)
+        x_DM = block_output(x_DM, a_HTK, p, config)
+    if not W:
+        kv_L2HSK = kv_cache.write(kv_L2HSK, jnp.stack(new), cache["index"], write)
+    return x_DM, {"kv": kv_L2HSK}
 
 
 def forward(
@@ -155,27 +168,22 @@ def forward(
     caller's job (the index is traced, and a write past the end would be clamped). Returns float32 logits `[B, V]`
     for each row's last position (left padding puts every row's newest token there) and the updated cache.
 
-    window: attend over the first `window` slots only (default all): the keys and values are still written at
-    their slot, only the attention's reads shrink. It must cover every slot written so far and these tokens'
-    (`index + T <= window`), which the caller knows and the traced index cannot check. write: False (traced) makes
-    this a masked step, computed but leaving the cache exactly as it was, so a loop of static trip count can run
+    window: attend over the first `window` cache slots only (default all; 0 for none: a fresh cache's prefill),
+    only the attention's reads shrink. It must cover every slot written so far and these tokens' (`index + T <=
+    window`; 0 only with index 0), which the caller knows and the traced index cannot check. write: False (traced)
+    makes this a masked step, computed but leaving the cache exactly as it was, so a loop of static trip count can run
     steps past its end.
     """
     if cache["index"].ndim and write is not True:
         raise ValueError("a cache with per-row indices takes write=True only")
     dtype = jnp.dtype(config.dtype)
     B, T = tokens_BT.shape
-    N, S = config.n_head, cache["valid"].shape[1]
-    W = S if window is None else window
+    W = cache["valid"].shape[1] if window is None else window
     ctx = ops.cache_context(mask_BT.astype(bool), cache["valid"], cache["index"], cache["length"])
-    mask_HTW = jnp.broadcast_to(ctx["mask_BTS"][:, None, :, :W], (B, N, T, W)).reshape(B * N, T, W)
     x_BTD = jnp.take(weights.wte, tokens_BT, axis=0) + jnp.take(weights.wpe, ctx["positions_BT"], axis=0)
     x_DM = x_BTD.reshape(B * T, -1).T.astype(dtype)
-    ks, vs = [], []
-    for p, k_HSK, v_HSK in zip(weights.h, cache["k"], cache["v"]):
-        x_DM, k_HSK, v_HSK = block(x_DM, p, k_HSK, v_HSK, mask_HTW, cache["index"], write, config)
-        ks.append(k_HSK)
-        vs.append(v_HSK)
+    layers = layers_one_buffer_cache if "kv" in cache else layers_per_layer_cache
+    x_DM, kv = layers(weights, x_DM, cache, ctx, W, write, config)
     last_DB = x_DM.reshape(-1, B, T)[:, :, -1]
     last_DB = layer_norm(last_DB, weights.ln_f, config.layer_norm_epsilon, weights.head_VD.dtype)
     logits_VB = jnp.einsum("VD,DB->VB", weights.head_VD, last_DB, preferred_element_type=jnp.float32)
@@ -183,4 +191,4 @@ def forward(
     new = {"valid": ctx["valid_BS"], "index": cache["index"] + T, "length": ctx["length_B"]}
     if write is not True:
         new = {name: jnp.where(write, value, cache[name]) for name, value in new.items()}
-    return logits_BV, {"k": ks, "v": vs, **new}
+    return logits_BV, {**kv, **new}

@@ -10,9 +10,9 @@ alone keeps its logits in the compute dtype and its log-sum-exp in float32.
 - attention: the training forward calls `jax.nn.dot_product_attention` (`attention_implementation` picks cuDNN's
   fused kernel or XLA), whose XLA path computes what `attention` here does (float32 logits, scale, mask, float32
   softmax, probabilities back in the compute dtype), with the dot precision JAX sets to keep a 16-bit backward
-  pass consistent (jax issue 24047). `decode.py` runs `attention` over its cache, masked by `cache_context`
-  (slots, per-row validity, positions); the training forward runs it too when attention dropout is on (the fused
-  kernels have none).
+  pass consistent (jax issue 24047). `decode.py` runs `cached_attention`, the same arithmetic over its cache and
+  the new tokens as two parts of one softmax, masked by `cache_context` (slots, per-row validity, positions); the
+  training forward runs `attention` too when attention dropout is on (the fused kernels have none).
 - the head: `tied_head` returns float32 logits (users, evaluation by logits, tests); `tied_head_losses` is the
   training loss, llm.c's fused classifier: the logits stay in the compute dtype, only the log-sum-exp is float32,
   and the backward pass writes `softmax - onehot` once in the compute dtype before its two matmuls, so no float32
@@ -115,29 +115,68 @@ def attention(
     return jnp.einsum("HTS,HSK->HTK", probs_HTS, v_HSK)
 
 
+def cached_attention(
+    q_HTK: Array,
+    k_HTK: Array,
+    v_HTK: Array,
+    new_mask_HTT: Array,
+    cached_kv_2HSK: Array | None = None,
+    cache_mask_HS: Array | None = None,
+) -> Array:
+    """`attention` of T new queries over their own keys (`k_HTK`, `v_HTK`, masked by `new_mask_HTT`) and over S
+    cached ones (`cached_kv_2HSK`: keys then values, masked by `cache_mask_HS`, the same slots for every query), as
+    one softmax: the two parts' logits share their maximum and the sum of their exponentials, and the
+    probabilities weigh each part's values. Equal to `attention` over the cache with the new keys written into it
+    (the same terms, summed in another order), but the new keys and values need not be in the cache yet, so a decode
+    step can write every layer's at once. With no cache part (a fresh cache's prefill) it is `attention`.
+    """
+    if cached_kv_2HSK is None:
+        return attention(q_HTK, k_HTK, v_HTK, new_mask_HTT)
+    dtype = float32_accumulating_dtype(q_HTK.dtype)
+    q_HTK, k_HTK, v_HTK, kv_2HSK = (a.astype(dtype) for a in (q_HTK, k_HTK, v_HTK, cached_kv_2HSK))
+    scale, low = q_HTK.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min
+    new_HTT = jnp.einsum("HTK,HUK->HTU", q_HTK, k_HTK, preferred_element_type=jnp.float32)
+    new_HTT = jnp.where(new_mask_HTT, new_HTT * scale, low)
+    old_HTS = jnp.einsum("HTK,HSK->HTS", q_HTK, kv_2HSK[0], preferred_element_type=jnp.float32)
+    old_HTS = jnp.where(cache_mask_HS[:, None, :], old_HTS * scale, low)
+    # Every query sees itself, so the maximum is finite and a part with nothing to see contributes exact zeros.
+    max_HT1 = jnp.maximum(new_HTT.max(-1, keepdims=True), old_HTS.max(-1, keepdims=True))
+    new_HTT, old_HTS = jnp.exp(new_HTT - max_HT1), jnp.exp(old_HTS - max_HT1)
+    sum_HT1 = new_HTT.sum(-1, keepdims=True) + old_HTS.sum(-1, keepdims=True)
+    new_HTT, old_HTS = (new_HTT / sum_HT1).astype(dtype), (old_HTS / sum_HT1).astype(dtype)
+    return jnp.einsum("HTU,HUK->HTK", new_HTT, v_HTK) + jnp.einsum("HTS,HSK->HTK", old_HTS, kv_2HSK[1])
+
+
 def cache_context(mask_BT: Array, valid_BS: Array, index: Array, length_B: Array) -> dict[str, Array]:
     """Where T new tokens (False in `mask_BT` on padding) go in a cache of S slots, and what each may see.
 
     The tokens are written at the shared slot `index` (a scalar), or at each row's own slot where `index` is `[B]` (a
     serving batch whose rows joined at different times: `decode.init_cache(per_row=True)`); `valid_BS` marks the slots
-    holding real tokens and `length_B` counts each row's real tokens so far. Returns the attention mask `mask_BTS`
-    (real, earlier-or-same slots), the wpe rows `positions_BT` (counted over real tokens only, so left padding changes
-    nothing), and the cache's `valid_BS` and `length_B` after the write.
+    holding real tokens and `length_B` counts each row's real tokens so far. Returns the attention masks: `mask_BTS`,
+    the real slots at or before each token's own, for attention over the cache with the tokens written in; for
+    `cached_attention`, `cache_mask_BS`, the real slots written before these tokens (the same for each of them), and
+    `new_mask_BTT`, the real new tokens at or before each one. Then the wpe rows `positions_BT` (counted over real
+    tokens only, so left padding changes nothing), and the cache's `valid_BS` and `length_B` after the write.
     """
-    T, S = mask_BT.shape[1], valid_BS.shape[1]
+    B, T = mask_BT.shape
     if index.ndim:  # per-row write slots (a server's rows, each at its own position): index_B
         valid_BS = jax.vmap(lambda v_S, m_T, i: jax.lax.dynamic_update_slice(v_S, m_T, (i,)))(valid_BS, mask_BT, index)
-        query_slot_BT1 = (index[:, None] + jnp.arange(T))[:, :, None]
-        mask_BTS = (jnp.arange(S) <= query_slot_BT1) & valid_BS[:, None, :]
-        mask_BTS = mask_BTS | (jnp.arange(S) == query_slot_BT1)
     else:
         valid_BS = jax.lax.dynamic_update_slice(valid_BS, mask_BT, (0, index))
-        slot_S, query_slot_T = jnp.arange(S), index + jnp.arange(T)
-        mask_BTS = (slot_S[None, :] <= query_slot_T[:, None])[None] & valid_BS[:, None, :]
-        # A padded query sees at least itself, so its (unused) softmax stays finite.
-        mask_BTS = mask_BTS | (slot_S[None, :] == query_slot_T[:, None])[None]
+    # From the slots after the write, which below it are as they were: reading the cache's mask before its update
+    # would make XLA copy it to update it.
+    write_B1 = index[:, None] if index.ndim else jnp.broadcast_to(index, (B, 1))
+    cache_mask_BS = valid_BS & (jnp.arange(valid_BS.shape[1]) < write_B1)
+    # A padded query sees at least itself, so its (unused) softmax stays finite.
+    earlier_TT = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+    new_mask_BTT = (earlier_TT[None] & mask_BT[:, None, :]) | jnp.eye(T, dtype=bool)[None]
+    # The same over the whole cache, the new tokens at their slots: for attention over a cache they are written in.
+    slot_S, query_slot_BT1 = jnp.arange(valid_BS.shape[1]), (write_B1 + jnp.arange(T))[:, :, None]
+    mask_BTS = ((slot_S <= query_slot_BT1) & valid_BS[:, None, :]) | (slot_S == query_slot_BT1)
     return {
         "mask_BTS": mask_BTS,
+        "cache_mask_BS": cache_mask_BS,
+        "new_mask_BTT": new_mask_BTT,
         "positions_BT": length_B[:, None] + jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0),
         "valid_BS": valid_BS,
         "length_B": length_B + mask_BT.sum(axis=1).astype(length_B.dtype),

@@ -37,7 +37,7 @@ STEPS_PER_BLOCK = 8  # on accelerators; see default_steps_per_block
 class DecodeState:
     """Everything one decode step needs; lives on the device and is donated from chunk to chunk."""
 
-    cache: dict[str, Any]  # model.decode.forward's cache: per-layer k/v lists, valid, index, length
+    cache: dict[str, Any]  # model.decode.forward's cache (model/kv_cache.py): k/v or kv, valid, index, length
     token_B: Array  # int32: the newest drawn token, not yet fed to the model
     done_B: Array  # bool: the row drew <|endoftext|> (or the host stopped it); it now only repeats eot
     seen_BV: Array | None  # bool: tokens in the context (only with a repetition penalty)
@@ -82,7 +82,7 @@ def prefill_and_sample(
     buffer, so the host can read them after the state has been donated)."""
     B = tokens_BT.shape[0]
     cache = init_cache(config, B, max_len)
-    logits_BV, cache = forward(weights, config, tokens_BT, mask_BT, cache, window=tokens_BT.shape[1])
+    logits_BV, cache = forward(weights, config, tokens_BT, mask_BT, cache, window=0)  # nothing cached to attend
     row_keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids_B)
     seen_BV = None
     if sampling.repetition_penalty != 1:

@@ -1,8 +1,9 @@
 """Logit processors: how the next token is chosen from a row's logits, as small pure functions of `[B, V]` arrays.
 
 Applied in this order (OpenAI's sample.py and Hugging Face agree on it): repetition penalty, banned ids, then either
-greedy argmax (temperature 0) or temperature, top-k, top-p (nucleus) and a draw. The nucleus is computed over the
-k survivors of top-k only, so no per-token sort of the vocabulary happens unless top-k is off.
+greedy argmax (temperature 0: `argmax_ids`, none of the rest) or temperature, top-k, top-p (nucleus) and a draw. The
+nucleus is computed over the k survivors of top-k only, so no per-token sort of the vocabulary happens unless top-k
+is off.
 
 Top-k on a GPU: XLA's top-k kernel there takes k <= 16 and turns a larger k (GPT-2's usual 40) into a sort of the
 whole row, all 50,257 logits, every step. `two_stage_top_k` gives `lax.top_k`'s exact answer from two short sorts
@@ -100,6 +101,15 @@ def two_stage_top_k(logits_BV: Array, k: int, block: int = TOP_K_BLOCK) -> tuple
     return values_BC, jnp.take_along_axis(ids_BNC.reshape(B, N * k), where_BC, axis=-1)
 
 
+def argmax_ids(logits_BV: Array, backend: str | None = None) -> Array:
+    """Each row's largest logit's id `[B]` (int32; the lowest id of ties, a NaN first): `jnp.argmax`, which on a GPU
+    is one reduction. XLA:CPU runs argmax as a slow two-operand reduction; its top-k (a custom call) gives the same
+    answer about 2.5x faster there (0.1 against 0.25 ms for one row of 50,257 logits, 2-core CPU under load)."""
+    if (backend or jax.default_backend()) == "cpu":
+        return jax.lax.top_k(logits_BV, 1)[1][:, 0]
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+
 def top_p_filter(sorted_logits_BC: Array, top_p: float) -> Array:
     """Keep the smallest prefix of the (descending) candidates whose probability reaches top_p; -inf the rest.
 
@@ -122,8 +132,8 @@ def next_token(logits_BV: Array, keys_B: Array, seen_BV: Array | None, sampling:
         logits_BV = apply_repetition_penalty(logits_BV, seen_BV, sampling.repetition_penalty)
     if sampling.banned_ids:
         logits_BV = ban_ids(logits_BV, sampling.banned_ids)
-    if sampling.greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    if sampling.greedy:  # no temperature, top-k, top-p or draw: the argmax alone
+        return argmax_ids(logits_BV)
     ids_BC = None
     if sampling.top_k:
         logits_BV, ids_BC = top_k_candidates(logits_BV, sampling.top_k)
@@ -148,7 +158,8 @@ def next_token_per_row(
     the raw distribution), before top-k and top-p.
 
     Top-k takes the `max_top_k` (static) best candidates once, then masks each row past its own k (1..max_top_k);
-    top-p is the nucleus over those survivors, as in `next_token`. Rows at temperature 0 take the argmax.
+    top-p is the nucleus over those survivors, as in `next_token`. Rows at temperature 0 take the argmax: the first
+    candidate (top-k's order is argmax's, ties and NaN included), so no other pass over the vocabulary finds it.
     """
     greedy_B = temperature_B == 0
     scale_B1 = jnp.where(greedy_B, 1.0, temperature_B)[:, None]
@@ -157,7 +168,7 @@ def next_token_per_row(
     values_BC = jnp.where(top_p_B[:, None] < 1, top_p_filter(values_BC, top_p_B[:, None]), values_BC)  # 1: off
     choice_B = draw(keys_B, values_BC)
     drawn_B = jnp.take_along_axis(ids_BC, choice_B[:, None], axis=-1)[:, 0]
-    token_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), drawn_B).astype(jnp.int32)
+    token_B = jnp.where(greedy_B, ids_BC[:, 0], drawn_B).astype(jnp.int32)
     scaled_BV = logits_BV / scale_B1
     chosen_B = jnp.take_along_axis(scaled_BV, token_B[:, None], axis=-1)[:, 0]
     return token_B, chosen_B - jax.nn.logsumexp(scaled_BV, axis=-1)

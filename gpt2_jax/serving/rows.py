@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import GPT2Config
+from gpt2_jax.model import kv_cache
 from gpt2_jax.model.decode import DecodeWeights, forward, init_cache
 from gpt2_jax.sampling.processors import next_token_per_row
 
@@ -41,7 +42,7 @@ Array = jax.Array
 class Rows:
     """Every row's decoding state; lives on the device, donated from call to call."""
 
-    cache: dict[str, Any]  # model.decode's per-row cache: k/v lists, valid [B, S], index [B], length [B]
+    cache: dict[str, Any]  # model.kv_cache's, per row: k/v or kv, valid [B, S], index [B], length [B]
     token_B: Array  # int32: the newest drawn token, not yet fed to the model
     live_B: Array  # bool: the row is generating
     drawn_B: Array  # int32: tokens the row has drawn (its random key's step)
@@ -52,12 +53,12 @@ class Rows:
     top_p_B: Array  # float32, (0, 1]
 
 
-def init_rows(config: GPT2Config, batch: int, max_len: int) -> Rows:
-    """`batch` idle rows of `max_len` cache slots."""
+def init_rows(config: GPT2Config, batch: int, max_len: int, one_buffer: bool | None = None) -> Rows:
+    """`batch` idle rows of `max_len` cache slots (`one_buffer`: the cache's layout, default the backend's)."""
     ints = lambda value: jnp.full((batch,), value, jnp.int32)  # one buffer each: they are donated one by one
     floats = lambda: jnp.ones((batch,), jnp.float32)
     keys = jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32))
-    cache = init_cache(config, batch, max_len, per_row=True)
+    cache = init_cache(config, batch, max_len, per_row=True, one_buffer=one_buffer)
     return Rows(cache, ints(0), jnp.zeros((batch,), bool), ints(0), ints(0), keys, floats(), ints(1), floats())
 
 
@@ -88,18 +89,13 @@ def admit(
 ) -> tuple[Rows, Array, Array]:
     """Prefill one prompt (left-padded: its `n_real` tokens last in `tokens_1P`) into row `row` and draw its first
     token. Returns the rows, the token and its log-probability (both `[1]`, separate buffers for the host)."""
-    N, P = config.n_head, tokens_1P.shape[1]
+    P = tokens_1P.shape[1]
     mask_1P = jnp.arange(P)[None] >= P - n_real
-    logits_1V, small = forward(weights, config, tokens_1P, mask_1P, init_cache(config, 1, P), window=P)
-
-    def put(big_HSK: Array, small_NPK: Array) -> Array:
-        # The padding slots roll past the prompt (the row's slots are its positions); they are not valid, and
-        # decode steps overwrite them in order.
-        return jax.lax.dynamic_update_slice(big_HSK, jnp.roll(small_NPK, -(P - n_real), axis=1), (row * N, 0, 0))
-
-    cache = dict(rows.cache)
-    cache["k"] = [put(big, s) for big, s in zip(rows.cache["k"], small["k"])]
-    cache["v"] = [put(big, s) for big, s in zip(rows.cache["v"], small["v"])]
+    small = init_cache(config, 1, P, one_buffer="kv" in rows.cache)
+    logits_1V, small = forward(weights, config, tokens_1P, mask_1P, small, window=0)
+    # The padding slots roll past the prompt (the row's slots are its positions); they are not valid, and decode
+    # steps overwrite them in order.
+    cache = kv_cache.put_prompt(rows.cache, small, row, P - n_real)
     cache["valid"] = cache["valid"].at[row].set(jnp.arange(cache["valid"].shape[1]) < n_real)
     cache["index"], cache["length"] = (cache[name].at[row].set(n_real) for name in ("index", "length"))
     key = jax.random.fold_in(jax.random.key(settings["seed"]), settings["choice"])
