@@ -175,7 +175,9 @@ def auth(key: str = KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-BAD = {  # name: (body, status, a phrase of the message)
+# Python 3.11's JSON reader stops at 1000 levels, 3.13's goes deeper: a 400 either way, never a 500.
+DEEP = ("nested too deeply", "'prompt' must be")
+BAD = {  # name: (body, status, a phrase of the message, or phrases one of which it holds)
     "invalid JSON": (b'{"model": "tiny", "prompt": ', 400, "not valid JSON"),
     "not UTF-8": (b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, "not valid UTF-8"),
     "not an object": (b"[1, 2]", 400, "JSON object"),
@@ -191,7 +193,12 @@ BAD = {  # name: (body, status, a phrase of the message)
     "echo with logprobs": ({"prompt": "x", "echo": True, "logprobs": 1}, 400, "not supported"),
     "another model": ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
     "body too large": ({"prompt": "x" * 5000}, 413, "larger than"),
-    "nested deeply": (b'{"model": "tiny", "prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400, "nested too deeply"),
+    # Python 3.11's JSON reader stops at 1000 levels, 3.13's goes deeper: a 400 either way, never a 500.
+    "nested deeply": (
+        b'{"model": "tiny", "prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+        400,
+        ("nested too deeply", "'prompt' must be"),
+    ),
     "NaN": (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, "not valid JSON"),
 }
 
@@ -203,7 +210,9 @@ def test_bad_input_is_an_openai_error_with_one_sentence(server, name):
     r = httpx.post(f"{server.url}/v1/completions", content=content, headers=auth(), timeout=60)
     assert r.status_code == status
     error = r.json()["error"]
-    assert phrase in error["message"] and error["message"].endswith(".") and "\n" not in error["message"]
+    phrases = phrase if isinstance(phrase, tuple) else (phrase,)
+    assert any(p in error["message"] for p in phrases), error["message"]
+    assert error["message"].endswith(".") and "\n" not in error["message"]
     assert set(error) == {"message", "type", "param", "code"}
 
 
