@@ -34,13 +34,14 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import GPT2Config
-from gpt2_jax.model import kv_cache, ops
+from gpt2_jax.model import fused_decode, kv_cache, ops
 from gpt2_jax.model.kv_cache import init_cache
 from gpt2_jax.model.params import LINEARS
 
 __all__ = ["DecodeWeights", "decode_weights", "forward", "init_cache"]  # init_cache: kv_cache's, for `forward`
 
 Array = jax.Array
+KERNELS = ("xla", "pallas")
 
 
 @jax.tree_util.register_dataclass
@@ -51,15 +52,20 @@ class DecodeWeights:
     ln_f: dict[str, Array]
     head_VD: Array  # the tied head in the dtype its matmul takes
     h: list[dict[str, Any]]  # per layer: ln_1, ln_2 {g, b}; attn/c_attn, attn/c_proj, mlp/c_fc, mlp/c_proj {w_OI, b}
+    # Static: "xla", or "pallas" for fused_decode.py's kernels where they apply (its doc says where and when to pick
+    # it). jit keys on it, so either runs in one process and the XLA path's program stays as it was.
+    kernels: str = dataclasses.field(default="xla", metadata={"static": True})
 
 
-def decode_weights(params: Any, config: GPT2Config) -> DecodeWeights:
+def decode_weights(params: Any, config: GPT2Config, *, kernels: str = "xla") -> DecodeWeights:
     """`params` (`transformer.py`'s pytree) re-laid for `forward`: a list of layers, matrices [out, in] in the
-    compute dtype.
+    compute dtype; `kernels` "pallas" runs the layers in `fused_decode.py`'s kernels where they apply.
 
     Layer norms stay float32; `wte` stays as it is for the embedding lookup, and the head gets its own copy in the
     compute dtype (the same array when that is float32). Run it once per model, not per call: it copies the weights.
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(KERNELS)}")
     dtype = jnp.dtype(config.dtype)
     h = params["h"]
     layers = []
@@ -74,7 +80,7 @@ def decode_weights(params: Any, config: GPT2Config) -> DecodeWeights:
     wte = jnp.asarray(params["wte"])
     ln_f = {k: jnp.asarray(v) for k, v in params["ln_f"].items()}
     head_dtype = ops.float32_accumulating_dtype(dtype)
-    return DecodeWeights(wte, jnp.asarray(params["wpe"]), ln_f, wte.astype(head_dtype), layers)
+    return DecodeWeights(wte, jnp.asarray(params["wpe"]), ln_f, wte.astype(head_dtype), layers, kernels)
 
 
 def linear(x_IM: Array, p: dict[str, Array]) -> Array:
@@ -182,7 +188,10 @@ def forward(
     ctx = ops.cache_context(mask_BT.astype(bool), cache["valid"], cache["index"], cache["length"])
     x_BTD = jnp.take(weights.wte, tokens_BT, axis=0) + jnp.take(weights.wpe, ctx["positions_BT"], axis=0)
     x_DM = x_BTD.reshape(B * T, -1).T.astype(dtype)
-    layers = layers_one_buffer_cache if "kv" in cache else layers_per_layer_cache
+    if weights.kernels == "pallas" and fused_decode.applies(cache, B * T):
+        layers = fused_decode.layers
+    else:
+        layers = layers_one_buffer_cache if "kv" in cache else layers_per_layer_cache
     x_DM, kv = layers(weights, x_DM, cache, ctx, W, write, config)
     last_DB = x_DM.reshape(-1, B, T)[:, :, -1]
     last_DB = layer_norm(last_DB, weights.ln_f, config.layer_norm_epsilon, weights.head_VD.dtype)
