@@ -2,7 +2,8 @@
 profiler trace of the same calls shows, and the trace parser on a real CPU trace and on one shaped as a GPU's.
 
 - the HLO rule on a hand-written GPU-style module (fusions, cuBLAS and TopK custom calls, an async op, a loop of
-  known trip count inside the decode loop, a conditional), where every number is counted by hand;
+  known trip count inside the decode loop, a conditional), where every number is counted by hand, and on a step of
+  Pallas calls (model/fused_decode.py): each Triton or Mosaic GPU custom call is one kernel;
 - the tiny model's compiled decode chunk on this CPU: one more layer adds the same number of kernels as the one
   before it, top-k adds its custom call to greedy's step, and the count equals the thunks a `jax.profiler` trace of
   the benchmark's own decode calls shows (XLA:CPU runs one thunk per launch the rule counts);
@@ -107,6 +108,53 @@ def test_the_hlo_rule_on_a_gpu_style_module_counted_by_hand():
     }  # fmt: skip
     # One run of the entry (its loop once) counting only the launches whose text matches: the 2 kInput fusions a step.
     assert kernels.launches(*kernels.parse_hlo(GPU_STYLE_HLO), matching="kind=kInput") == {"fusion:kInput": 16}
+
+
+# A step of fused Pallas layers as a GPU compiles it: each pallas_call is one custom call (Triton's, or Mosaic GPU's
+# where a kernel lowers there), its kernel serialized into the backend config (stand-ins here, with the braces, quotes
+# and escapes such configs hold: the count reads the opcode and target only); the cache write stays a fusion.
+TRITON = 'custom_call_target="__gpu$xla.gpu.triton", backend_config={name = "%s", ir = "ML\\EFR{}=(x)", num_warps = 4}'
+MOSAIC = 'custom_call_target="mosaic_gpu_v2", backend_config="{\\22module\\22: \\22...\\22}"'
+FOUR_TRIPS = 'backend_config={"known_trip_count":{"n":"4"}}'
+PALLAS_STEP_HLO = f"""HloModule jit_decode_chunk, entry_computation_layout={{(bf16[96,1]{{1,0}})->bf16[96,1]{{1,0}}}}
+
+%step (s: (s32[], bf16[96,1])) -> (s32[], bf16[96,1]) {{
+  %s = (s32[], bf16[96,1]{{1,0}}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %x = bf16[96,1]{{1,0}} get-tuple-element(%s), index=1
+  %qkv = bf16[96,1]{{1,0}} custom-call(%x), {TRITON % "ln_linear"}
+  %a = bf16[96,1]{{1,0}} custom-call(%qkv), {TRITON % "cached_attention"}
+  %m = bf16[96,1]{{1,0}} custom-call(%a), {MOSAIC}
+  %w = bf16[96,1]{{1,0}} fusion(%m), kind=kLoop, calls=%write
+  ROOT %t = (s32[], bf16[96,1]{{1,0}}) tuple(%i, %w)
+}}
+
+%write (p: bf16[96,1]) -> bf16[96,1] {{
+  ROOT %p = bf16[96,1]{{1,0}} parameter(0)
+}}
+
+%cond (c: (s32[], bf16[96,1])) -> pred[] {{
+  %c = (s32[], bf16[96,1]{{1,0}}) parameter(0)
+  ROOT %yes = pred[] constant(true)
+}}
+
+ENTRY %main (x.1: bf16[96,1]) -> bf16[96,1] {{
+  %x.1 = bf16[96,1]{{1,0}} parameter(0)
+  %zero = s32[] constant(0)
+  %t.1 = (s32[], bf16[96,1]{{1,0}}) tuple(%zero, %x.1)
+  %loop = (s32[], bf16[96,1]{{1,0}}) while(%t.1), condition=%cond, body=%step, {FOUR_TRIPS}
+  ROOT %out = bf16[96,1]{{1,0}} get-tuple-element(%loop), index=1
+}}
+"""
+
+
+def test_each_pallas_call_counts_as_one_kernel():
+    """The fused decode layers (model/fused_decode.py) launch one kernel per pallas_call, Triton's or Mosaic GPU's."""
+    counted = kernels.decode_step_kernels(PALLAS_STEP_HLO, steps=4)
+    assert counted["breakdown"] == {
+        "custom-call:__gpu$xla.gpu.triton": 2.0, "custom-call:mosaic_gpu_v2": 1.0, "fusion:kLoop": 1.0
+    }  # fmt: skip
+    assert counted["kernels_per_step"] == 4.0
 
 
 def tiny(n_layer: int) -> GPT2Config:
