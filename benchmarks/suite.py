@@ -83,6 +83,7 @@ class Sweep:
     batch_per_device: bool = False  # train: `batches` are per device (weak scaling), else global
     scan_unroll: tuple[int | None, ...] = (None,)  # train only: layers per scan step; None: train.py's default
     torch_compile: str | None = "inductor"  # backend of the torch.compile column (with --compare); None: none
+    kernels: str = "xla"  # decode only: DecodeWeights.kernels; "pallas" (model/fused_decode.py) marks its points
 
     def grid(self) -> Iterator[dict[str, Any]]:
         for preset, remat, attention, scan_unroll, devices, batch in itertools.product(
@@ -223,6 +224,7 @@ class Runner:
             for spec in sweep.grid():
                 spec = _resolve(sweep, spec)
                 key = (sweep.job, sweep.seq, sweep.dtype, sweep.new_tokens, sweep.top_k, sweep.temperature)
+                key += (sweep.kernels,)
                 key += tuple(spec.values())
                 if key in seen:  # e.g. 'all' devices on a one-device machine, 'auto' attention where it means xla
                     continue
@@ -243,6 +245,8 @@ class Runner:
         )  # fmt: skip
         if sweep.job == "train":
             base["scan_unroll"] = spec["scan_unroll"]
+        if sweep.job == "decode" and sweep.kernels != "xla":  # so an A/B's points differ (and its failures say so)
+            base["kernels"] = sweep.kernels
         try:
             base["devices"] = resolve_devices(spec["devices"])
             if sweep.job == "train":
@@ -290,6 +294,7 @@ class Runner:
 
     def _decode_points(self, sweep: Sweep, base: dict[str, Any], with_pytorch: bool) -> list[dict]:
         config, weights = self.model(base["preset"], sweep.dtype)
+        weights = dataclasses.replace(weights, kernels=sweep.kernels)  # the same arrays; jit keys on the choice
         batch, new_tokens = base["batch"], sweep.new_tokens
         prompt_BT = np.random.default_rng(0).integers(0, config.n_vocab, (batch, sweep.seq)).astype(np.int32)
         repeats = self.repeats or 3
@@ -302,8 +307,9 @@ class Runner:
         prefill["model_flops_per_s"] = prefill["tokens_per_s"] * flops_per_token(config, sweep.seq, training=False)
         point = dict(base, new_tokens=new_tokens, **_rates(batch * new_tokens / (prefill_s + decode_s)))
         point["sampling"] = "greedy" if greedy else f"top-k {sweep.top_k}"
-        # Whatever else decode.time_ours measured beyond its timings (e.g. kernels per step) goes on the point.
-        point.update({k: v for k, v in ours.items() if k not in ("compile_s", "prefill_s", "decode_s")})
+        # Whatever else decode.time_ours measured beyond its timings goes on the point; its kernel counts below, spread
+        # out (the point's "kernels" is the sweep's choice of layers, where not XLA's).
+        point.update({k: v for k, v in ours.items() if k not in ("compile_s", "prefill_s", "decode_s", "kernels")})
         step_s = float(np.median(decode_s)) / max(new_tokens - 1, 1)
         context = round(sweep.seq + new_tokens / 2)
         point.update(
@@ -327,7 +333,9 @@ class Runner:
 
             self._compare(point, batch * new_tokens, seconds, sweep.torch_compile)
         self.log(
-            f"decode  {base['preset']} batch {batch:>3} {sweep.seq}+{new_tokens}: {point['tokens_per_s']:,.1f} tok/s, "
+            f"decode  {base['preset']} batch {batch:>3} {sweep.seq}+{new_tokens}"
+            + ("" if sweep.kernels == "xla" else f" ({sweep.kernels} layers)")
+            + f": {point['tokens_per_s']:,.1f} tok/s, "
             f"{point['per_token_ms']:.2f} ms/step, {point['kernels_per_step']:.0f} kernels/step, "
             f"{100 * point['bandwidth_fraction']:.0f}% of the bandwidth bound, "
             f"compile {compile_s:.1f} s" + compare.ratio_text(point)

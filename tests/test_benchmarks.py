@@ -7,6 +7,7 @@ that the derived numbers agree with each other, never how fast anything is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -133,6 +134,30 @@ def test_a_failed_point_is_kept_and_the_run_goes_on():
     assert point["job"] == "train" and "64 devices" in point["error"]
     assert any(line.startswith("FAILED") for line in logged)
     assert "FAILED" in report.format_table([point])
+
+
+def test_a_decode_sweep_of_fused_layers_runs_them_and_marks_its_points(monkeypatch):
+    """The GPU call's A/B (benchmarks/gpu/decode.py): the sweep's `kernels` reaches the weights the loop runs (the
+    same arrays), its points say "pallas", and a failure of the fused layers is that point's error alone."""
+    ran = []
+
+    def fake_time_ours(weights, *args, **kwargs):
+        ran.append(weights)
+        if weights.kernels == "pallas":
+            raise RuntimeError("Triton could not compile ln_linear")
+        return {"compile_s": 1.0, "prefill_s": [0.1], "decode_s": [0.3], "kernels": {"kernels_per_step": 9.0}}
+
+    monkeypatch.setattr(suite.decode, "time_ours", fake_time_ours)
+    runner = suite.Runner(repeats=1, log=lambda line: None)
+    runner._bandwidth = 1e10  # nothing timed
+    xla = suite.Sweep("decode", ("tiny",), (1,), seq=4, new_tokens=4)
+    points = runner.run([xla, dataclasses.replace(xla, kernels="pallas"), dataclasses.replace(xla, batches=(2,))])
+    assert [w.kernels for w in ran] == ["xla", "pallas", "xla"] and ran[0].wte is ran[1].wte
+    assert [(p["job"], p["batch"], p.get("kernels"), "error" in p) for p in points] == [
+        ("prefill", 1, None, False), ("decode", 1, None, False), ("decode", 1, "pallas", True),
+        ("prefill", 2, None, False), ("decode", 2, None, False),
+    ]  # fmt: skip
+    assert "Triton could not compile" in points[2]["error"]
 
 
 def test_compare_is_skipped_in_one_line_without_torch(monkeypatch):
@@ -359,6 +384,8 @@ def gpu_records() -> list[dict]:
         decode("decode", 1, 128, 4_600.0, 0.22, sampling="greedy"),
         decode("decode", 64, 128, 70_000.0, 0.25),
         decode("decode", 64, 1000, 60_000.0, 0.2),
+        decode("decode", 1, 128, 5_125.0, 0.3, kernels="pallas", kernels_per_step=80.0),
+        point("decode", "decode", 1, None, new_tokens=128, sampling="greedy", kernels="pallas", error="Triton failed"),
         serve(1, 1000.0, 0.02), serve(16, 12_000.0, 0.05), serve(64, 13_000.0, 0.9),
         dict(kind="lora", part="lora", variant="lora", remat=False, median_step_s=0.2, device_peak_bytes=9 * 2**30,
              trainable_params=2_457_600),
@@ -391,6 +418,12 @@ def test_gpu_call_summary_says_which_goals_were_met(tmp_path):
     assert "190 kernels/step" in text and "greedy: for the record; measured: 4,600 tok/s" in text
     assert "[NOT met] issue 20: kernels per batch-1 decode step, top-k 40: <= 60" in text
     assert "[NOT met] issue 20: decode batch 64: >= 30% of the bandwidth bound" in text
+    # The fused layers' A/B: beside XLA's batch-1 point, which the goals above keep reading; a failed point says so.
+    assert (
+        "decode batch 1 in the fused Pallas layers: for the record: the default stays XLA's until this is faster; "
+        "measured: top-k 40: 5,125 tok/s, 0.250 ms/step, 30.0% of the bound (0.100 ms/step), 80 kernels/step, 1.25x "
+        "XLA's; greedy: FAILED: Triton failed" in text
+    )
     assert "16 clients: 12,000 tok/s (12.00x 1 client), TTFT p99 0.050 s" in text
     assert "top-k 40: 193 kernels/step, 95% busy" in text
     assert "batch 1: PyTorch 40.00x, torch.compile n/a" in text
@@ -399,7 +432,7 @@ def test_gpu_call_summary_says_which_goals_were_met(tmp_path):
     assert os.path.basename(saved).startswith("h100-80gb-hbm3-verify-")  # a name for benchmarks/results/
     results = report.read_json(saved)
     assert [g["met"] for g in results["goals"][:5]] == [True, True, True, False, True]
-    assert len(results["points"]) == 14 and results["checks"][0]["ok"] and len(results["lora"]) == 2
+    assert len(results["points"]) == 16 and results["checks"][0]["ok"] and len(results["lora"]) == 2
 
 
 def test_data_benchmark_runs_at_toy_size_and_writes_its_points(tmp_path, capsys):

@@ -40,6 +40,8 @@ def test_gpu_call_dry_run_end_to_end(tmp_path):
     decode = [(p["batch"], p["new_tokens"], p["sampling"]) for p in points if p["part"] == "decode" and
               p["job"] == "decode"]  # fmt: skip
     assert decode == [(1, 16, "top-k 40"), (1, 16, "greedy"), (8, 16, "top-k 40"), (8, 96, "top-k 40")]
+    # The fused Pallas layers' A/B runs on a GPU only (a CPU's points would be XLA's): the dry run says it skipped it.
+    assert any(r["kind"] == "skipped" and r.get("kernels") == "pallas" and r["part"] == "decode" for r in records)
     assert [p["clients"] for p in points if p["job"] == "serve"] == [1, 4]
     assert all(p["pytorch_tokens_per_s"] > 0 for p in points if p["part"] == "decode_pytorch" and p["job"] == "decode")
     assert [r["variant"] for r in records if r["kind"] == "lora" and "error" not in r] == ["lora", "full"]

@@ -7,14 +7,21 @@ decode: GPT-2 124M in bf16, a 16-token prompt, no early stop:
     part counts kernels from a trace too);
   - batch 64, 128 new tokens, top-k 40: the same, and the fraction of the bandwidth bound (bandwidth.py: the weights
     in bf16 and the valid KV cache per step over a copy measured in the same process);
-  - batch 64, 1000 new tokens: the long generation (windowed attention over the filled cache only).
+  - batch 64, 1000 new tokens: the long generation (windowed attention over the filled cache only);
+  - last, the A/B of the fused Pallas layers (model/fused_decode.py): the batch-1 top-k 40 and greedy points again
+    with `"kernels": "pallas"`, the same fields. Last, so that a kernel that fails to compile (recorded as that
+    point's error) or runs long costs no other point; a GPU switches its default only on what these show. Not on a
+    CPU (the dry run): the fused layers run over accelerators' one-buffer cache, and a CPU's points would be XLA's.
 decode_pytorch: the batch-1 and batch-64 128-token points again, beside Hugging Face `generate` on the same card,
 eagerly and under torch.compile (benchmarks/compare.py), in the same process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+
+import jax
 
 from benchmarks import suite
 from benchmarks.gpu.common import DEADLINE, Sizes, record
@@ -43,6 +50,11 @@ def run(out: str, work: str, sizes: Sizes) -> None:
     one, many = sizes.decode_batches[0], sizes.decode_batches[-1]
     sweeps = [sweep(sizes, one, sizes.new_tokens), sweep(sizes, one, sizes.new_tokens, temperature=0.0)]
     sweeps += [sweep(sizes, many, sizes.new_tokens), sweep(sizes, many, sizes.long_tokens)]
+    if jax.default_backend() == "cpu":
+        record(out, "skipped", job="decode", batch=one, kernels="pallas", reason="no GPU (dry run): the fused layers "
+               "run over an accelerator's one-buffer cache")  # fmt: skip
+    else:
+        sweeps += [dataclasses.replace(s, kernels="pallas") for s in sweeps[:2]]
     measure(out, sweeps, sizes)
 
 

@@ -44,9 +44,28 @@ def train_points(points: list[dict], peer: str | None) -> list[dict]:
     return [p for p in points if p["job"] == "train" and p.get("peer") == peer and ok(p)]
 
 
-def decode_point(points: list[dict], part: str, batch: int, new_tokens: int, sampling: str = "top-k 40") -> dict | None:
+def decode_point(
+    points: list[dict], part: str, batch: int, new_tokens: int, sampling: str = "top-k 40", kernels: str = "xla"
+) -> dict | None:
     return next((p for p in points if p["part"] == part and p["job"] == "decode" and ok(p) and p["batch"] == batch
-                 and p["new_tokens"] == new_tokens and p.get("sampling", "top-k 40") == sampling), None)  # fmt: skip
+                 and p["new_tokens"] == new_tokens and p.get("sampling", "top-k 40") == sampling
+                 and p.get("kernels", "xla") == kernels), None)  # fmt: skip
+
+
+def fused_text(points: list[dict], batch: int, new_tokens: int) -> str | None:
+    """The fused Pallas layers' batch-1 points beside XLA's (the A/B that decides a GPU's default): each sampling's
+    tok/s, ms/step, kernels/step and its speed over XLA's point."""
+    texts = []
+    for sampling in ("top-k 40", "greedy"):
+        fused, xla = (decode_point(points, "decode", batch, new_tokens, sampling, k) for k in ("pallas", "xla"))
+        failed = [p for p in points if p.get("kernels") == "pallas" and p["job"] == "decode" and p.get("error")
+                  and p["batch"] == batch and p.get("sampling", sampling) == sampling]  # fmt: skip
+        if fused:
+            over = f", {fused['tokens_per_s'] / xla['tokens_per_s']:.2f}x XLA's" if xla else ""
+            texts.append(f"{sampling}: {decode_text(fused)}{over}")
+        elif failed:
+            texts.append(f"{sampling}: FAILED: {failed[0]['error']}")
+    return "; ".join(texts) or None
 
 
 def train_text(p: dict) -> str:
@@ -143,6 +162,8 @@ def decoding_goals(records: list[dict], points: list[dict], s: Sizes) -> list[di
              f"{BANDWIDTH_STRETCH:.0%})", b64 and decode_text(b64),
              b64 and b64["bandwidth_fraction"] >= BANDWIDTH_GOAL),
         goal(20, f"{s.long_tokens}-token generation, batch {many}", "for the record", long and decode_text(long), None),
+        goal(20, f"decode batch {one} in the fused Pallas layers", "for the record: the default stays XLA's until "
+             "this is faster", fused_text(points, one, s.new_tokens), None),
         goal(20, f"the server: {', '.join(map(str, s.serve[1]))} clients",
              "for the record: tok/s against 1 client, TTFT p99", serve_text, None),
         goal(20, "kernels per decode step (profile part's traces)", "for the record", kernels, None),
