@@ -20,6 +20,11 @@ the cache, and one write per call stores every layer's). Slots fill from the fro
 will be filled attends over that many leading slots only (`window`, static: one compilation per window size), not
 over the empty rest of the cache. A step with `write` False (a decode loop's masked step) leaves the cache bit for
 bit as it was.
+
+The layers run as XLA compiles them, or with `decode_weights(..., kernels="pallas")` in `fused_decode.py`'s Pallas
+kernels (5 per layer) where those apply: a one-buffer cache and at most 8 new tokens per call; other calls (a long
+prefill, the CPU's cache) run XLA's layers. The choice is a static field of the weights: XLA's path compiles to the
+same program as before, and no backend picks Pallas by default until a GPU measured it faster.
 Axis legend: B batch, T new positions, M = B*T, S cache slots, W attended slots (the first W of S), D n_embd,
 F MLP width (4D), N heads, H = B*N, K head dim, V vocabulary, I and O a linear layer's input and output features,
 L layers.

@@ -17,7 +17,9 @@ cannot share without a grid-wide barrier, which generic Pallas has not; computin
 instead would read it once per program. The cache write stays XLA's: one write per step of every layer's keys and
 values into the one buffer (`kv_cache.py`), between the layers as `decode.layers_one_buffer_cache` places it (so
 nothing copies the buffer). So a step launches 5 L Pallas kernels (60 for 124M's 12 layers) beside XLA's embedding,
-final layer norm, head, draw and write.
+masks, final layer norm, head, draw, write and loop bookkeeping (not countable without a GPU: an estimate of 15 to
+25 there), about 75 to 85 per batch-1 step against the 193 of 2026-11-30. The issue's 60 needs fewer kernels per
+layer than programs without a grid-wide barrier allow; a persistent kernel that synchronises its programs would.
 
 The math is `ops.py`'s at the same precision: matmul inputs in the compute dtype, products summed in float32 and
 rounded to the compute dtype where XLA's matmul rounds its output, then the bias and the residual added in the
@@ -31,8 +33,8 @@ cannot lower them to: its `pallas_call` lowering has no dot_general, copies at m
 (a 768-wide row is more), needs 16-byte strides (a 1-column activation has 2) and rejected the reductions and
 broadcasts a matrix-vector product needs ("Incompatible FragmentedArray layouts"); the Mosaic GPU forms that would
 (`plgpu.kernel`, TMA, WGMMA) cannot run in interpret mode here. Triton's one constraint, power-of-two shapes for
-every loaded value, is met by loading in tiles: `TILE_ROWS` output rows per program, `TILE_COLS` input features
-per load (each the largest power of two dividing the size, up to those caps), one column of activations at a time.
+every loaded value, is met by loading in tiles: up to `TILE_ROWS` output rows per program (`_rows_per_program`),
+`TILE_COLS` input features per load (each a power of two dividing the size), one column of activations at a time.
 
 Which path runs: `DecodeWeights.kernels` ("xla", the default everywhere, or "pallas"), static, so a jitted
 sampler keys on it and the XLA path's program is what it was. "pallas" runs these layers where they apply: a
@@ -60,9 +62,12 @@ from gpt2_jax.model import kv_cache, ops
 Array = jax.Array
 MAX_COLUMNS = 8  # new tokens per call (B * T) the fused layers take: decode steps of small batches
 TILE_ROWS = 32  # output rows per program, at most
+MIN_PROGRAMS = 128  # programs per matmul kernel, at least, where its rows allow: about one per SM of an H100/H200
 TILE_COLS = 256  # input features per load, at most
 SLOT_TILE = 128  # cache slots per load, at most
-_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=1)
+# Untuned (no GPU here): 4 warps per program, and 2 stages so that Triton prefetches a loop's next tile while it
+# sums the current one. The GPU call's A/B is where these get chosen.
+_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def applies(cache: dict[str, Any], columns: int) -> bool:
@@ -78,6 +83,16 @@ def interpret() -> bool:
 def _pow2_tile(n: int, cap: int) -> int:
     """The largest power of two dividing `n`, at most `cap`: a tile Triton can load, that splits `n` evenly."""
     return min(n & -n, cap)
+
+
+def _rows_per_program(n_out: int) -> int:
+    """Output rows per program of a matmul kernel: a tile of at most TILE_ROWS, halved until there are at least
+    MIN_PROGRAMS programs (or one row each). A decode step's matmuls are reads of the weights, and a GPU reads at its
+    full bandwidth only with most SMs busy: 768 rows (124M's c_proj) make 192 programs of 4 rows, not 24 of 32."""
+    R = _pow2_tile(n_out, TILE_ROWS)
+    while R > 1 and n_out // R < MIN_PROGRAMS:
+        R //= 2
+    return R
 
 
 # --- the kernels ------------------------------------------------------------------------------------------------------
@@ -197,7 +212,7 @@ def _call(kernel: Any, grid: int, out_shape: jax.ShapeDtypeStruct, name: str) ->
 def ln_linear(x_IM: Array, ln: dict[str, Array], p: dict[str, Array], eps: float, *, gelu: bool = False) -> Array:
     """`linear(layer_norm(x))` (`decode.py`'s), GELU after it if `gelu`, in one kernel: `[O, M]` in x's dtype."""
     n_out = p["w_OI"].shape[0]
-    R = _pow2_tile(n_out, TILE_ROWS)
+    R = _rows_per_program(n_out)
     kernel = functools.partial(_ln_linear_kernel, eps=eps, gelu=gelu, R=R)
     out = jax.ShapeDtypeStruct((n_out, x_IM.shape[1]), x_IM.dtype)
     call = _call(kernel, n_out // R, out, "ln_linear_gelu" if gelu else "ln_linear")
@@ -207,7 +222,7 @@ def ln_linear(x_IM: Array, ln: dict[str, Array], p: dict[str, Array], eps: float
 def linear_residual(a_IM: Array, x_OM: Array, p: dict[str, Array]) -> Array:
     """`x + linear(a)` (`decode.py`'s) in one kernel: `[O, M]` in x's dtype."""
     n_out = p["w_OI"].shape[0]
-    R = _pow2_tile(n_out, TILE_ROWS)
+    R = _rows_per_program(n_out)
     out = jax.ShapeDtypeStruct(x_OM.shape, x_OM.dtype)
     call = _call(functools.partial(_linear_residual_kernel, R=R), n_out // R, out, "linear_residual")
     return call(a_IM, x_OM, p["w_OI"], p["b"])
@@ -237,12 +252,14 @@ def layers(
     eps, L, N, K = config.layer_norm_epsilon, config.n_layer, config.n_head, config.head_dim
     B, T = ctx["new_mask_BTT"].shape[:2]
     kv_L2HSK, new = cache["kv"], []
+    # The masks as the kernels read them (int32: Triton loads no booleans), converted once for every layer.
+    new_mask_BTT, cache_mask_BS = (ctx[name].astype(jnp.int32) for name in ("new_mask_BTT", "cache_mask_BS"))
     for layer, p in enumerate(weights.h):
         qkv_3DM = ln_linear(x_DM, p["ln_1"], p["attn/c_attn"], eps)
         new.append(qkv_3DM[config.n_embd :].reshape(2, N, K, B, T).transpose(0, 3, 1, 4, 2).reshape(2, B * N, T, K))
         if W and layer == L - 1:  # the one write, where decode.layers_one_buffer_cache makes it (kv_cache.py: why)
             kv_L2HSK = kv_cache.write(kv_L2HSK, jnp.stack(new), cache["index"], write)
-        a_DM = attention(qkv_3DM, ctx["new_mask_BTT"], kv_L2HSK, layer, ctx["cache_mask_BS"], W, N)
+        a_DM = attention(qkv_3DM, new_mask_BTT, kv_L2HSK, layer, cache_mask_BS, W, N)
         x_DM = linear_residual(a_DM, x_DM, p["attn/c_proj"])
         h_FM = ln_linear(x_DM, p["ln_2"], p["mlp/c_fc"], eps, gelu=True)
         x_DM = linear_residual(h_FM, x_DM, p["mlp/c_proj"])
