@@ -21,9 +21,10 @@ import pytest
 from reference import random_params
 from test_decoding import BOUND_U
 
-from gpt2_jax.config import GPT2Config
+from gpt2_jax.config import GPT2Config, get_config
 from gpt2_jax.model import decode, fused_decode, kv_cache, ops
-from gpt2_jax.sampling.loop import decode_chunk, prefill_and_sample
+from gpt2_jax.model.transformer import abstract_params
+from gpt2_jax.sampling.loop import DecodeState, decode_chunk, prefill_and_sample
 from gpt2_jax.sampling.processors import SamplingConfig
 
 CFG = GPT2Config(n_vocab=97, n_ctx=32, n_embd=48, n_head=3, n_layer=2)  # 3 heads of 16; 48 loads as 3 tiles of 16
@@ -189,8 +190,6 @@ def test_greedy_decoding_draws_the_same_tokens(params, one_buffer):
 # --- lowering for CUDA, and the XLA path unchanged -------------------------------------------------------------------
 def loop_args(weights):
     """decode_chunk's arguments at batch 1 over a one-buffer cache of 32 slots (values do not matter: lowered only)."""
-    from gpt2_jax.sampling.loop import DecodeState
-
     cache = kv_cache.init_cache(CFG, 1, CFG.n_ctx, one_buffer=True)
     keys = jax.random.split(jax.random.key(0), 1)
     state = DecodeState(cache, jnp.zeros(1, jnp.int32), jnp.zeros(1, bool), None, keys, jnp.int32(1))
@@ -213,6 +212,28 @@ def test_the_fused_decode_loop_lowers_for_cuda_with_five_kernels_per_layer(param
     text = exported.mlir_module()
     assert text.count(f"stablehlo.custom_call @{TRITON}") == 5 * CFG.n_layer
     assert text.count('name = "cached_attention"') == CFG.n_layer and "mosaic_gpu" not in text
+
+
+@pytest.mark.parametrize("batch,window", [(1, 192), (8, 128)])
+def test_gpt2_124m_bfloat16_steps_lower_for_cuda(batch, window):
+    """The GPU call's shapes (124M in bf16, a 192-slot cache, the windows its chunks take) and the largest batch the
+    fused layers take: every kernel's tiles meet Triton's constraints. Abstract weights: nothing is allocated."""
+    config = get_config("124M", dtype="bfloat16")
+    weights = jax.eval_shape(lambda p: decode.decode_weights(p, config, kernels="pallas"), abstract_params(config))
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(config, batch, 192, one_buffer=True))
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+    state = DecodeState(cache, *(jax.ShapeDtypeStruct((batch,), t) for t in (jnp.int32, bool)), None, keys,
+                        jax.ShapeDtypeStruct((), jnp.int32))  # fmt: skip
+    jax.clear_caches()
+    try:
+        with ops.traced_for(GPU):
+            exported = jax.export.export(
+                decode_chunk, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)]
+            )(weights, state, np.int32(8), np.zeros(batch, bool), np.int32(-1), config=config,
+              sampling=SamplingConfig(top_k=40), window=window, steps_per_block=8)  # fmt: skip
+    finally:
+        jax.clear_caches()
+    assert exported.mlir_module().count(f"stablehlo.custom_call @{TRITON}") == 5 * config.n_layer
 
 
 def lowered_text(function, *args, **static) -> str:
