@@ -394,6 +394,7 @@ def gpu_records() -> list[dict]:
                pytorch_compiled_error="RuntimeError: no compiler"),
         dict(kind="profile", part="profile", job="decode", **{"decode_trace top-k 40": dict(
             kernels_per_step=193.2, busy_ms_per_step=0.41, step_ms=0.43)}),
+        dict(kind="profile", part="profile", job="decode", kernels="pallas", error="XlaRuntimeError: Triton"),
         dict(kind="skipped", part="topk", reason="budget: 10 s < 20 s"),
         dict(kind="part", part="topk", status="stopped at its limit"),
     ]  # fmt: skip
@@ -425,7 +426,7 @@ def test_gpu_call_summary_says_which_goals_were_met(tmp_path):
         "XLA's; greedy: FAILED: Triton failed" in text
     )
     assert "16 clients: 12,000 tok/s (12.00x 1 client), TTFT p99 0.050 s" in text
-    assert "top-k 40: 193 kernels/step, 95% busy" in text
+    assert "top-k 40: 193 kernels/step, 95% busy; pallas layers: FAILED: XlaRuntimeError: Triton" in text
     assert "batch 1: PyTorch 40.00x, torch.compile n/a" in text
     assert "skipped: topk : budget: 10 s < 20 s" in text and "part: topk : stopped at its limit" in text
     assert "llm.c    batch  64: 500,000 tok/s" in text and "nanoGPT  batch  64: FAILED: exit code 1" in text

@@ -31,8 +31,8 @@ compiles of 124M take 12-17 s, of the unrolled training step 15-17 s; torch.comp
                     LoRA, then full fine-tuning (peak device bytes, step time)
     decode_pytorch  the 128-token decode points beside Hugging Face generate, eager and      for the record   95
                     torch.compile
-    profile         traces: kernels per decode step (b1 top-k 40, greedy), the training      for the record   50
-                    step's top kernels (profile.py, once gpu_profile.py)
+    profile         traces: kernels per decode step (b1 top-k 40, greedy; top-k 40 in the    for the record   70
+                    fused Pallas layers), the training step's top kernels (profile.py)
     topk            the top 40 of 50,257 logits three ways, beside greedy (topk.py)          for the record   30
     summary         each goal met or not: summary.txt and <card>-verify-<date>.json          -                 2
 
@@ -87,7 +87,7 @@ PARTS = (
     Part("lora", "lora", 220, 150, min_s=90),
     # PyTorch shares the process: JAX takes memory as it goes instead of 75% up front.
     Part("decode_pytorch", "decode", 150, 95, min_s=45, function="run_pytorch", env=NO_PREALLOCATION),
-    Part("profile", "profile", 120, 50, min_s=30),
+    Part("profile", "profile", 120, 70, min_s=30),
     Part("topk", "topk", 60, 30),
 )
 BY_NAME = {p.name: p for p in PARTS}

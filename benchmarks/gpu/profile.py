@@ -6,8 +6,9 @@ benchmarks/gpu_profile.py).
 
 In the GPU call (`run`): the decode loop at batch 1 with top-k 40 and greedy, each timed and traced: kernels per
 decode step and how much of the step they keep the device busy (a step much longer than its kernels' sum is
-launch-bound, one close to it is bound by the kernels themselves); then the training step at the train part's first
-batch, timed and traced: its top kernels. Recorded as 'profile' records; the traces (Perfetto JSON written by
+launch-bound, one close to it is bound by the kernels themselves); top-k 40 again in the fused Pallas layers
+(model/fused_decode.py; a failure is that record's error); then the training step at the train part's first batch,
+timed and traced: its top kernels. Recorded as 'profile' records; the traces (Perfetto JSON written by
 `jax.profiler`, read back here and summed per kernel name, no TensorBoard needed) are deleted once read.
 
 Alone, each variant is the real `train_step` (benchmarks/train.py's `time_ours`) on GPT-2 124M in bf16 with a config
@@ -56,14 +57,21 @@ def kernel_totals(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
     return total, count
 
 
-def profile_decode(out: str, batches: list[int], new_tokens: int, results: dict, sizes: Sizes | None = None) -> None:
-    """Decode ms/step with top-k 40 and greedy per batch, then each traced at the first batch (see the module doc)."""
+def profile_decode(
+    out: str, batches: list[int], new_tokens: int, results: dict, sizes: Sizes | None = None, *,
+    kernels_choice: str = "xla", labels: tuple[str, ...] = ("top-k 40", "greedy"),
+) -> None:  # fmt: skip
+    """Decode ms/step with each sampling of `labels` per batch, then each traced at the first batch (see the module
+    doc), in the layers `kernels_choice` picks (DecodeWeights.kernels; a name other than "xla" joins the labels)."""
     on_gpu = jax.default_backend() == "gpu"
     default = ("124M", "bfloat16") if on_gpu else ("tiny", "float32")  # alone, off a GPU: a smoke test
     preset, dtype = (sizes.preset, sizes.dtype) if sizes else default
     config = get_config(preset, dtype=dtype)
-    weights = decode_weights(init_params(config, 0), config)
+    weights = decode_weights(init_params(config, 0), config, kernels=kernels_choice)
     samplings = {"top-k 40": SamplingConfig(top_k=40), "greedy": SamplingConfig(temperature=0)}
+    samplings = {
+        label + ("" if kernels_choice == "xla" else f" ({kernels_choice})"): samplings[label] for label in labels
+    }
     prompts = {b: np.random.default_rng(0).integers(0, config.n_vocab, (b, 16)).astype(np.int32) for b in batches}
     for batch in batches:
         for label, sampling in samplings.items():
@@ -132,6 +140,14 @@ def run(out: str, work: str, sizes: Sizes) -> None:
     decode: dict = {"device": jax.devices()[0].device_kind}
     profile_decode(work, [sizes.decode_batches[0]], sizes.new_tokens, decode, sizes)
     record(out, "profile", job="decode", **decode)
+    if jax.default_backend() != "cpu":  # the fused layers run over accelerators' one-buffer cache only
+        fused: dict = {"device": jax.devices()[0].device_kind}
+        try:  # a kernel that fails on the card is this record's error; the training profile still runs
+            profile_decode(work, [sizes.decode_batches[0]], sizes.new_tokens, fused, sizes, kernels_choice="pallas",
+                           labels=("top-k 40",))  # fmt: skip
+        except Exception as e:
+            fused["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        record(out, "profile", job="decode", kernels="pallas", **fused)
     config = model_config(sizes.preset, dtype=sizes.dtype)
     train = {"device": jax.devices()[0].device_kind, "batch": sizes.profile_batch, "seq": sizes.seq}
     profile_train(work, config, sizes.profile_batch, sizes.seq, ["base"], 2, train)

@@ -149,6 +149,8 @@ def decoding_goals(records: list[dict], points: list[dict], s: Sizes) -> list[di
                         f"{100 * v['busy_ms_per_step'] / v['step_ms']:.0f}% busy" if v["kernels_per_step"] else
                         f"{k.removeprefix('decode_trace ')}: no device kernels in the trace"
                         for r in traces for k, v in r.items() if k.startswith("decode_trace"))  # fmt: skip
+    failed = "; ".join(f"{r.get('kernels', 'xla')} layers: FAILED: {r['error']}" for r in traces if r.get("error"))
+    kernels = "; ".join(filter(None, [kernels, failed]))
     return [
         goal(20, f"decode batch {one}, {s.prompt}+{s.new_tokens} tokens, top-k 40",
              f">= {BATCH1_GOAL_TOKENS_PER_S:,.0f} tok/s end to end", b1 and decode_text(b1),
