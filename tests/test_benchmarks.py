@@ -395,6 +395,8 @@ def gpu_records() -> list[dict]:
         dict(kind="profile", part="profile", job="decode", **{"decode_trace top-k 40": dict(
             kernels_per_step=193.2, busy_ms_per_step=0.41, step_ms=0.43)}),
         dict(kind="profile", part="profile", job="decode", kernels="pallas", error="XlaRuntimeError: Triton"),
+        dict(kind="numerics", part="check", bf16_xla_rel_err=0.01, bf16_xla_loss=11.0,
+             fused_vs_xla_cached_bf16_rel_err=0.002, fused_same_argmax=0.99),
         dict(kind="skipped", part="topk", reason="budget: 10 s < 20 s"),
         dict(kind="part", part="topk", status="stopped at its limit"),
     ]  # fmt: skip
@@ -427,6 +429,7 @@ def test_gpu_call_summary_says_which_goals_were_met(tmp_path):
     )
     assert "16 clients: 12,000 tok/s (12.00x 1 client), TTFT p99 0.050 s" in text
     assert "top-k 40: 193 kernels/step, 95% busy; pallas layers: FAILED: XlaRuntimeError: Triton" in text
+    assert "check: bf16_xla_rel_err 0.01, fused_vs_xla_cached_bf16_rel_err 0.002, fused_same_argmax 0.99" in text
     assert "batch 1: PyTorch 40.00x, torch.compile n/a" in text
     assert "skipped: topk : budget: 10 s < 20 s" in text and "part: topk : stopped at its limit" in text
     assert "llm.c    batch  64: 500,000 tok/s" in text and "nanoGPT  batch  64: FAILED: exit code 1" in text

@@ -187,6 +187,28 @@ def test_greedy_decoding_draws_the_same_tokens(params, one_buffer):
     assert len(set(want[0])) > 3  # the tokens change: a wrong step would show
 
 
+def test_the_gpu_calls_check_of_the_fused_layers(one_buffer, monkeypatch):
+    """benchmarks/gpu/check.py's fused_check, as a GPU runs it (here over one buffer in interpret mode, one layer):
+    the fused steps agree with XLA's, and a failure of the fused layers is a field of the record, not an exception."""
+    from benchmarks.gpu import check
+
+    config = CFG.replace(n_layer=1)
+    params = random_params(config, seed=5)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG.n_vocab, (2, 10)), jnp.int32)
+    cached, _ = check.cached_logits(params, config, tokens)
+    result = check.fused_check(params, config, tokens, cached)
+    assert result["fused_vs_xla_cached_bf16_rel_err"] < 1e-5 and result["fused_same_argmax"] == 1.0, result
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Triton could not compile ln_linear")
+
+    monkeypatch.setattr(fused_decode, "ln_linear", fails)
+    jax.clear_caches()
+    assert check.fused_check(params, config, tokens, cached) == {
+        "fused_error": "RuntimeError: Triton could not compile ln_linear"
+    }
+
+
 # --- lowering for CUDA, and the XLA path unchanged -------------------------------------------------------------------
 def loop_args(weights):
     """decode_chunk's arguments at batch 1 over a one-buffer cache of 32 slots (values do not matter: lowered only)."""

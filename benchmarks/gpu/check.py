@@ -3,7 +3,8 @@
 On a random GPT-2 124M: bf16 compute with cuDNN attention against an fp32 reference (`precision='highest'`, XLA
 attention), cuDNN and XLA attention against each other in bf16, fp32 at the GPU's default precision (TF32), and
 cached decoding as every sampler runs it (`model/decode.py`: prefill, then one token per step, in bf16) against one
-full forward pass, all on the device. One 'numerics' record of relative L2 errors, max abs errors and losses.
+full forward pass, and (off a CPU) its steps in the fused Pallas layers against XLA's, all on the device. One
+'numerics' record of relative L2 errors, max abs errors, losses and the fused steps' greedy agreement.
 
     python -m benchmarks.gpu.check [--json out.json]     # alone, on any device (toy sizes off a GPU)
 """
@@ -61,16 +62,32 @@ def correctness(preset: str = "124M", batch: int = 4, seq: int = 1024) -> dict[s
     # Cached decode vs one full forward, both bf16 on the device.
     cached, first = cached_logits(params, variants["bf16_xla"], tokens)
     out["cached_vs_full_bf16_rel_err"] = rel_err(cached, results["bf16_xla"][:, first : first + cached.shape[1]])
+    if jax.default_backend() != "cpu":  # the fused layers run over accelerators' one-buffer cache only
+        out.update(fused_check(params, variants["bf16_xla"], tokens, cached))
     return out
 
 
-def cached_logits(params, cfg, tokens) -> tuple[jax.Array, int]:
+def fused_check(params, cfg, tokens, cached: jax.Array) -> dict[str, float | str]:
+    """The same cached decode in the fused Pallas layers (model/fused_decode.py: the steps, at most 8 rows) against
+    XLA's `cached`: relative L2 error, max abs error, and the fraction of positions whose argmax (the greedy token)
+    agrees. A kernel that fails on the card is `fused_error`, and the other checks stand."""
+    try:
+        fused, _ = cached_logits(params, cfg, tokens, kernels="pallas")
+    except Exception as e:
+        return {"fused_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    same = jnp.mean(jnp.argmax(fused, -1) == jnp.argmax(cached, -1))
+    return {"fused_vs_xla_cached_bf16_rel_err": rel_err(fused, cached),
+            "fused_vs_xla_cached_bf16_max_abs": float(jnp.abs(fused - cached).max()),
+            "fused_same_argmax": float(same)}  # fmt: skip
+
+
+def cached_logits(params, cfg, tokens, kernels: str = "xla") -> tuple[jax.Array, int]:
     """Logits `[B, t1 - t0 + 1, V]` of the sampler's cached forward from position t0 - 1 on, and t0 - 1: the first
     t0 tokens prefilled, then one step per token up to t1, jitted as sampling/loop.py runs it (config static, cache
-    donated)."""
+    donated), in the layers `kernels` picks (decode.decode_weights)."""
     batch, seq = tokens.shape
     t0, t1 = min(64, seq // 2), min(128, seq)
-    weights = decode.decode_weights(params, cfg)
+    weights = decode.decode_weights(params, cfg, kernels=kernels)
     forward = jax.jit(decode.forward, static_argnums=1, donate_argnums=4)
     cache = decode.init_cache(cfg, batch, t1)
     logits, cache = forward(weights, cfg, tokens[:, :t0], jnp.ones((batch, t0), bool), cache)

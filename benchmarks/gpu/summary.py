@@ -217,7 +217,10 @@ def summary_lines(device: dict, goal_list: list[dict], records: list[dict], dry:
     lines.append(PREVIOUS)
     numerics = next((r for r in records if r["kind"] == "numerics"), None)
     if numerics:
-        lines.append("check: " + ", ".join(f"{k} {v:.4g}" for k, v in numerics.items() if k.endswith("rel_err")))
+        shown = [f"{k} {v:.4g}" for k, v in numerics.items() if k.endswith("rel_err") or k == "fused_same_argmax"]
+        if "fused_error" in numerics:  # the fused Pallas layers failed on the card (check.py's fused_check)
+            shown.append(f"fused_error {numerics['fused_error']}")
+        lines.append("check: " + ", ".join(shown))
     for r in records:
         if r["kind"] == "skipped" or (r["kind"] == "part" and r["status"] != "ok"):
             what = " ".join(str(r[k]) for k in ("peer", "job", "batch") if r.get(k) is not None)
