@@ -57,7 +57,9 @@ def linear_params(n_out, n_in, seed, dtype):
 # --- each kernel ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_layer_norm_linear_kernel(dtype, gelu):
+def test_layer_norm_linear_kernel(dtype, gelu, monkeypatch):
+    """3 tiles of 16 input features: unrolled, and (with GELU) in a fori_loop, as longer rows run."""
+    monkeypatch.setattr(fused_decode, "MAX_UNROLL", 1 if gelu else fused_decode.MAX_UNROLL)
     D, M = 48, 3
     x_DM = normal((D, M), 0, dtype, 2.0) + 0.5
     ln = {"g": normal((D,), 1), "b": normal((D,), 2, scale=0.1)}
@@ -107,8 +109,10 @@ def reference_attention(config, qkv_3DM, kv_L2HSK, layer, ctx, W):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("B,T,W", [(1, 1, 8), (2, 3, 16), (2, 3, 0)], ids=["step", "b2-t3", "no-cache"])
 def test_attention_kernel(dtype, B, T, W, monkeypatch):
-    """Slots loaded 4 at a time: the running maximum and sum cross tiles (2 and 4 of them)."""
+    """Slots loaded 4 at a time: the running maximum and sum cross tiles (2 and 4 of them), in a fori_loop for the
+    step, unrolled for the others."""
     monkeypatch.setattr(fused_decode, "SLOT_TILE", 4)
+    monkeypatch.setattr(fused_decode, "MAX_UNROLL", 1 if B == 1 else fused_decode.MAX_UNROLL)
     config, qkv_3DM, kv_L2HSK, ctx = attention_case(B, T, W, dtype, seed=10 * B + T + W)
     got = jax.jit(lambda q, kv: fused_decode.attention(q, ctx["new_mask_BTT"], kv, 1, ctx["cache_mask_BS"], W,
                                                        CFG.n_head))(qkv_3DM, kv_L2HSK)  # fmt: skip
@@ -236,10 +240,12 @@ def test_the_fused_decode_loop_lowers_for_cuda_with_five_kernels_per_layer(param
     assert text.count('name = "cached_attention"') == CFG.n_layer and "mosaic_gpu" not in text
 
 
-@pytest.mark.parametrize("batch,window", [(1, 192), (8, 128)])
-def test_gpt2_124m_bfloat16_steps_lower_for_cuda(batch, window):
+@pytest.mark.parametrize("batch,window,unroll", [(1, 192, 32), (8, 128, 1)])
+def test_gpt2_124m_bfloat16_steps_lower_for_cuda(batch, window, unroll, monkeypatch):
     """The GPU call's shapes (124M in bf16, a 192-slot cache, the windows its chunks take) and the largest batch the
-    fused layers take: every kernel's tiles meet Triton's constraints. Abstract weights: nothing is allocated."""
+    fused layers take: every kernel's tiles meet Triton's constraints, their loops unrolled (124M's) or not (longer
+    rows'). Abstract weights: nothing is allocated."""
+    monkeypatch.setattr(fused_decode, "MAX_UNROLL", unroll)
     config = get_config("124M", dtype="bfloat16")
     weights = jax.eval_shape(lambda p: decode.decode_weights(p, config, kernels="pallas"), abstract_params(config))
     cache = jax.eval_shape(lambda: kv_cache.init_cache(config, batch, 192, one_buffer=True))

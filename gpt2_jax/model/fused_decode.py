@@ -26,7 +26,7 @@ rounded to the compute dtype where XLA's matmul rounds its output, then the bias
 compute dtype; layer norms, attention logits and softmax in float32, the probabilities rounded to the compute dtype
 before they weigh the values. Only the order of the float32 sums differs.
 
-Backends. The kernels use generic Pallas only (refs, `pl.ds`, `pl.program_id`, `lax.fori_loop`, jnp), so the same
+Backends. The kernels use generic Pallas only (refs, `pl.ds`, `pl.program_id`, loops, jnp), so the same
 code runs in Pallas' interpret mode on a CPU (the tests; chosen by `interpret()` from the traced-for device) and
 lowers for CUDA. On CUDA they lower through Triton (`pltriton.CompilerParams`), not Mosaic GPU, which jax 0.10.2
 cannot lower them to: its `pallas_call` lowering has no dot_general, copies at most 256 elements per block dimension
@@ -65,6 +65,7 @@ TILE_ROWS = 32  # output rows per program, at most
 MIN_PROGRAMS = 128  # programs per matmul kernel, at least, where its rows allow: about one per SM of an H100/H200
 TILE_COLS = 256  # input features per load, at most
 SLOT_TILE = 128  # cache slots per load, at most
+MAX_UNROLL = 32  # tile loops of at most this many tiles are unrolled (`_tiles`)
 # Untuned (no GPU here): 4 warps per program, and 2 stages so that Triton prefetches a loop's next tile while it
 # sums the current one. The GPU call's A/B is where these get chosen.
 _PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)
@@ -83,6 +84,17 @@ def interpret() -> bool:
 def _pow2_tile(n: int, cap: int) -> int:
     """The largest power of two dividing `n`, at most `cap`: a tile Triton can load, that splits `n` evenly."""
     return min(n & -n, cap)
+
+
+def _tiles(n: int, body: Any, init: Any) -> Any:
+    """`body(i, carry)` over tiles i = 0 .. n - 1: unrolled where n <= MAX_UNROLL (124M's loops take 3 to 12 tiles),
+    so that the compiler can issue every tile's load before the first sum needs it (the loads do not depend on the
+    sums), else a `lax.fori_loop`. The same sums in the same order either way."""
+    if n > MAX_UNROLL:
+        return jax.lax.fori_loop(0, n, body, init)
+    for i in range(n):
+        init = body(i, init)
+    return init
 
 
 def _rows_per_program(n_out: int) -> int:
@@ -106,7 +118,7 @@ def _matvec_columns(w_ref: Any, row0: Array, column: Any, n_in: int, R: int, M: 
         return tuple(a + jnp.sum(w_RC * column(m, c * C, C).astype(jnp.float32)[None, :], axis=1) for m, a in
                      enumerate(acc))  # fmt: skip
 
-    return list(jax.lax.fori_loop(0, n_in // C, tile, tuple(jnp.zeros((R,), jnp.float32) for _ in range(M))))
+    return list(_tiles(n_in // C, tile, tuple(jnp.zeros((R,), jnp.float32) for _ in range(M))))
 
 
 def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, bias_ref, out_ref, *, eps: float, gelu: bool, R: int) -> None:
@@ -117,7 +129,7 @@ def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, bias_ref, out_ref, *, eps: flo
     dtype = out_ref.dtype
 
     def total(f: Any, m: int) -> Array:
-        return jax.lax.fori_loop(0, D // C, lambda c, s: s + jnp.sum(f(x_ref[pl.ds(c * C, C), m])), jnp.float32(0))
+        return _tiles(D // C, lambda c, s: s + jnp.sum(f(x_ref[pl.ds(c * C, C), m])), jnp.float32(0))
 
     stats = []
     for m in range(M):
@@ -177,7 +189,7 @@ def _attention_kernel(layer_ref, qkv_ref, new_mask_ref, *rest, N: int, T: int, W
         top, total = functools.reduce(jnp.maximum, new), jnp.float32(0)
         if W:
             step = lambda s, carry: _running_softmax(carry, cached_logits(s))
-            top, total = jax.lax.fori_loop(0, W // SC, step, (top, total))
+            top, total = _tiles(W // SC, step, (top, total))
         total = total + sum(jnp.exp(logit - top) for logit in new)
         # Probabilities rounded to the compute dtype before they weigh the values; each part rounded, then summed.
         probs = [(jnp.exp(logit - top) / total).astype(dtype).astype(jnp.float32) for logit in new]
@@ -189,7 +201,7 @@ def _attention_kernel(layer_ref, qkv_ref, new_mask_ref, *rest, N: int, T: int, W
             p = (jnp.exp(cached_logits(s) - top) / total).astype(dtype).astype(jnp.float32)
             return acc + jnp.sum(p[:, None] * cached(1, s), axis=0)
 
-        return out + jax.lax.fori_loop(0, W // SC, weigh, jnp.zeros((K,), jnp.float32)).astype(dtype)
+        return out + _tiles(W // SC, weigh, jnp.zeros((K,), jnp.float32)).astype(dtype)
 
     for t in range(T):
         out_ref[pl.ds(n * K, K), b * T + t] = one_query(t)
