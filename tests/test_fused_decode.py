@@ -7,7 +7,7 @@
 - the decode loop with kernels="pallas" lowers for CUDA (jax.export, no GPU needed) with 5 Pallas calls per layer,
   each one kernel: the step's Pallas kernels are 5 * n_layer;
 - the XLA path is what it was: the same program with kernels="xla" as with the default, and wherever the fused
-  layers do not apply (the CPU's per-layer cache, more than MAX_COLUMNS new tokens).
+  layers do not apply (the CPU's per-layer cache, more than MAX_COLUMNS new tokens, a server's per-row cache).
 """
 
 from __future__ import annotations
@@ -270,7 +270,8 @@ def lowered_text(function, *args, **static) -> str:
 
 def test_the_xla_path_is_unchanged(params):
     """Default weights and kernels="xla" give one program; "pallas" another (so the comparison can fail), except
-    where the fused layers do not apply: the CPU's per-layer cache, and a prefill of more than MAX_COLUMNS tokens."""
+    where the fused layers do not apply: the CPU's per-layer cache, a prefill of more than MAX_COLUMNS tokens, a
+    server's per-row cache."""
     xla, default = decode.decode_weights(params, CFG, kernels="xla"), decode.decode_weights(params, CFG)
     pallas = decode.decode_weights(params, CFG, kernels="pallas")
     args, static = loop_args(default)
@@ -285,5 +286,8 @@ def test_the_xla_path_is_unchanged(params):
     buffer = kv_cache.init_cache(CFG, 1, CFG.n_ctx, one_buffer=True)
     long_prefill = [lowered_text(forward, w, CFG, *many, buffer, window=0) for w in (pallas, default)]
     assert long_prefill[0] == long_prefill[1]
+    per_row = kv_cache.init_cache(CFG, 1, CFG.n_ctx, one_buffer=True, per_row=True)  # a server's
+    assert lowered_text(forward, pallas, CFG, *one, per_row) == lowered_text(forward, default, CFG, *one, per_row)
+    assert lowered_text(forward, pallas, CFG, *one, buffer) != lowered_text(forward, default, CFG, *one, buffer)
     with pytest.raises(ValueError, match="kernels='triton': choose one of xla, pallas"):
         decode.decode_weights(params, CFG, kernels="triton")

@@ -38,8 +38,9 @@ every loaded value, is met by loading in tiles: up to `TILE_ROWS` output rows pe
 
 Which path runs: `DecodeWeights.kernels` ("xla", the default everywhere, or "pallas"), static, so a jitted
 sampler keys on it and the XLA path's program is what it was. "pallas" runs these layers where they apply: a
-one-buffer cache (accelerators' layout) and at most `MAX_COLUMNS` new tokens in all (B * T); any other call (a long
-prefill, the CPU's per-layer cache) runs XLA's layers. The rule for switching a backend's default to "pallas":
+one-buffer cache (accelerators' layout) at a shared index and at most `MAX_COLUMNS` new tokens in all (B * T); any
+other call (a long prefill, the CPU's per-layer cache, a server's per-row cache) runs XLA's layers, silently: the
+choice is per call. The rule for switching a backend's default to "pallas":
 only after the GPU call (`benchmarks/gpu`, decode part, the `"kernels": "pallas"` points) measured it faster there
 than "xla" at batch 1, with the same tokens; until then nothing picks it by default.
 Axis legend: as `decode.py`'s; M = B*T columns, O and I a linear layer's output and input features, C input features
@@ -72,8 +73,9 @@ _PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def applies(cache: dict[str, Any], columns: int) -> bool:
-    """Whether the fused layers take a call of `columns` new tokens (B * T) over `cache` (see the module doc)."""
-    return "kv" in cache and columns <= MAX_COLUMNS
+    """Whether the fused layers take a call of `columns` new tokens (B * T) over `cache` (see the module doc): the
+    one buffer at a shared index (a sampler's; a server's per-row indices run XLA's layers, untested here)."""
+    return "kv" in cache and not cache["index"].ndim and columns <= MAX_COLUMNS
 
 
 def interpret() -> bool:
