@@ -32,9 +32,11 @@ lowers for CUDA. On CUDA they lower through Triton (`pltriton.CompilerParams`), 
 cannot lower them to: its `pallas_call` lowering has no dot_general, copies at most 256 elements per block dimension
 (a 768-wide row is more), needs 16-byte strides (a 1-column activation has 2) and rejected the reductions and
 broadcasts a matrix-vector product needs ("Incompatible FragmentedArray layouts"); the Mosaic GPU forms that would
-(`plgpu.kernel`, TMA, WGMMA) cannot run in interpret mode here. Triton's one constraint, power-of-two shapes for
-every loaded value, is met by loading in tiles: up to `TILE_ROWS` output rows per program (`_rows_per_program`),
+(`plgpu.kernel`, TMA, WGMMA) cannot run in interpret mode here. Triton's constraint that every loaded value has
+power-of-two dimensions is met by loading in tiles: up to `TILE_ROWS` output rows per program (`_rows_per_program`),
 `TILE_COLS` input features per load (each a power of two dividing the size), one column of activations at a time.
+The tests prove the lowering on a CPU (jax.export of the decode loop for CUDA, 124M's shapes included); Triton's
+compilation of these kernels to PTX happens on a card only, first in the GPU call (its check and decode parts).
 
 Which path runs: `DecodeWeights.kernels` ("xla", the default everywhere, or "pallas"), static, so a jitted
 sampler keys on it and the XLA path's program is what it was. "pallas" runs these layers where they apply: a
@@ -125,7 +127,7 @@ def _matvec_columns(w_ref: Any, row0: Array, column: Any, n_in: int, R: int, M: 
 
 def _ln_linear_kernel(x_ref, g_ref, b_ref, w_ref, bias_ref, out_ref, *, eps: float, gelu: bool, R: int) -> None:
     """out[rows] = linear(layer_norm(x)) for this program's R rows, GELU after it if `gelu`: every program computes
-    the column statistics itself (D x M reads, nothing beside the weights)."""
+    the column statistics itself (2 D M reads, small beside its R x D weights; programs cannot share them)."""
     D, M = x_ref.shape
     C = _pow2_tile(D, TILE_COLS)
     dtype = out_ref.dtype
@@ -266,7 +268,7 @@ def layers(
     eps, L, N, K = config.layer_norm_epsilon, config.n_layer, config.n_head, config.head_dim
     B, T = ctx["new_mask_BTT"].shape[:2]
     kv_L2HSK, new = cache["kv"], []
-    # The masks as the kernels read them (int32: Triton loads no booleans), converted once for every layer.
+    # The masks as the kernels read them, converted once for every layer (int32: no boolean refs in a kernel).
     new_mask_BTT, cache_mask_BS = (ctx[name].astype(jnp.int32) for name in ("new_mask_BTT", "cache_mask_BS"))
     for layer, p in enumerate(weights.h):
         qkv_3DM = ln_linear(x_DM, p["ln_1"], p["attn/c_attn"], eps)
