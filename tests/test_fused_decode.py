@@ -33,6 +33,7 @@ EPS = CFG.layer_norm_epsilon
 ATOL = 1e-5
 GPU = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")  # ops.traced_for's stand-in
 TRITON = "__gpu$xla.gpu.triton"
+NEEDS_TRITON = pytest.mark.skipif(fused_decode.pltriton is None, reason="this JAX has no Pallas Triton backend")
 
 
 def bf16_bound(reference) -> float:
@@ -223,6 +224,7 @@ def loop_args(weights):
     return (weights, state, np.int32(8), np.zeros(1, bool), np.int32(-1)), static
 
 
+@NEEDS_TRITON
 def test_the_fused_decode_loop_lowers_for_cuda_with_five_kernels_per_layer(params):
     """The step as a GPU would compile it (traced for a GPU stand-in; no GPU here): Pallas calls through Triton,
     5 per layer in the loop's one step, each a custom call (benchmarks/kernels.py: one kernel)."""
@@ -240,6 +242,7 @@ def test_the_fused_decode_loop_lowers_for_cuda_with_five_kernels_per_layer(param
     assert text.count('name = "cached_attention"') == CFG.n_layer and "mosaic_gpu" not in text
 
 
+@NEEDS_TRITON
 @pytest.mark.parametrize("batch,window,unroll", [(1, 192, 32), (8, 128, 1)])
 def test_gpt2_124m_bfloat16_steps_lower_for_cuda(batch, window, unroll, monkeypatch):
     """The GPU call's shapes (124M in bf16, a 192-slot cache, the windows its chunks take) and the largest batch the

@@ -57,10 +57,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.model import kv_cache, ops
+
+try:  # deprecated from jax 0.11: a JAX without it still imports decode.py, and runs the kernels in interpret mode
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:
+    pltriton = None
 
 Array = jax.Array
 MAX_COLUMNS = 8  # new tokens per call (B * T) the fused layers take: decode steps of small batches
@@ -71,7 +75,7 @@ SLOT_TILE = 128  # cache slots per load, at most
 MAX_UNROLL = 32  # tile loops of at most this many tiles are unrolled (`_tiles`)
 # Untuned (no GPU here): 4 warps per program, and 2 stages so that Triton prefetches a loop's next tile while it
 # sums the current one. The GPU call's A/B is where these get chosen.
-_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)
+_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2) if pltriton else None
 
 
 def applies(cache: dict[str, Any], columns: int) -> bool:
