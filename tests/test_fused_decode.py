@@ -4,6 +4,7 @@
   parity bound of tests/test_decoding.py (units of 2^-8 times the largest value);
 - the forward with kernels="pallas" over the one buffer against kernels="xla": a left-padded prefill and steps;
 - greedy decoding through the sampler's loop (blocks of masked steps, as on a GPU): the same tokens;
+- the fused decode loop writes its one buffer in place once per step, with no copy of it;
 - the decode loop with kernels="pallas" lowers for CUDA (jax.export, no GPU needed) with 5 Pallas calls per layer,
   each one kernel: the step's Pallas kernels are 5 * n_layer;
 - the XLA path is what it was: the same program with kernels="xla" as with the default, and wherever the fused
@@ -21,6 +22,7 @@ import pytest
 from reference import random_params
 from test_decoding import BOUND_U
 
+from benchmarks import kernels
 from gpt2_jax.config import GPT2Config, get_config
 from gpt2_jax.model import decode, fused_decode, kv_cache, ops
 from gpt2_jax.model.transformer import abstract_params
@@ -240,6 +242,17 @@ def test_the_fused_decode_loop_lowers_for_cuda_with_five_kernels_per_layer(param
     text = exported.mlir_module()
     assert text.count(f"stablehlo.custom_call @{TRITON}") == 5 * CFG.n_layer
     assert text.count('name = "cached_attention"') == CFG.n_layer and "mosaic_gpu" not in text
+
+
+def test_the_fused_step_updates_its_buffer_in_place_once(params):
+    """The compiled decode loop (XLA:CPU, the kernels interpreted; XLA:GPU places copies with the same pass, the
+    kernels' calls reading the buffer as operands): one in-place write of the buffer per step and no copy of it,
+    as tests/test_kv_cache.py checks for XLA's layers."""
+    args, static = loop_args(decode.decode_weights(params, CFG, kernels="pallas"))
+    computations, entry = kernels.parse_hlo(decode_chunk.lower(*args, **static).compile().as_text())
+    buffer = f"= f32[{CFG.n_layer},2,{CFG.n_head},{CFG.n_ctx},{CFG.head_dim}]"  # what makes the whole buffer
+    made = kernels.launches(computations, entry, matching=buffer)  # over one block of 8 steps
+    assert list(made.elements()) == ["fusion:kLoop"] * static["steps_per_block"]
 
 
 @NEEDS_TRITON
