@@ -82,6 +82,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     custom.add_argument("--devices", type=_names, help="train: device counts or 'all', comma list (default: 1)")
     custom.add_argument("--new_tokens", type=int, default=128, help="decode: tokens generated per sequence")
     custom.add_argument("--top_k", type=int, default=40, help="decode: top-k of the sampler")
+    custom.add_argument(
+        "--kernels",
+        choices=["xla", "pallas"],
+        help="decode: the layers' kernels (default xla; pallas: model/fused_decode.py, accelerators)",
+    )
     custom.add_argument("--compare_at", type=_ints, default=None, help="only compare with PyTorch at these batches")
     serving = p.add_argument_group(
         "--job serve (benchmarks/serve.py; also takes --preset, --seq, --new_tokens, --dtype)"
@@ -97,7 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # Flags that shape a sweep, and the Sweep field each sets.
 SWEEP_FLAGS = dict(
     preset="presets", batch="batches", seq="seq", dtype="dtype", attention="attention", remat="remat",
-    scan_unroll="scan_unroll", devices="devices", compare_at="compare_batches",
+    scan_unroll="scan_unroll", devices="devices", compare_at="compare_batches", kernels="kernels",
 )  # fmt: skip
 
 

@@ -181,6 +181,8 @@ def test_bad_flags_are_usage_errors():
         build_sweeps(parse_args(["--suite", "quick", "--preset", "tiny", "--devices", "2"]))
     with pytest.raises(UsageError):
         build_sweeps(parse_args(["--suite", "scaling", "--seq", "0"]))
+    (fused,) = build_sweeps(parse_args(["--job", "decode", "--batch", "1", "--kernels", "pallas"]))
+    assert (fused.job, fused.batches, fused.kernels) == ("decode", (1,), "pallas")
     assert np.isfinite(suite.resolve_devices("all"))
 
 
