@@ -22,9 +22,11 @@ masks, final layer norm, head, draw, write and loop bookkeeping (not countable w
 layer than programs without a grid-wide barrier allow; a persistent kernel that synchronises its programs would.
 
 The math is `ops.py`'s at the same precision: matmul inputs in the compute dtype, products summed in float32 and
-rounded to the compute dtype where XLA's matmul rounds its output, then the bias and the residual added in the
-compute dtype; layer norms, attention logits and softmax in float32, the probabilities rounded to the compute dtype
-before they weigh the values. Only the order of the float32 sums differs.
+rounded to the compute dtype where XLA's matmul rounds its output, then the bias, GELU and residual in the compute
+dtype by the same jnp ops as `decode.py` (so a backend treats them alike: on this CPU the bf16 kernels give XLA's
+results bit for bit; an epilogue in float32 rounded once moved them by a bf16 rounding); layer norms, attention
+logits and softmax in float32, the probabilities rounded to the compute dtype before they weigh the values. Only the
+order of the float32 sums differs.
 
 Backends. The kernels use generic Pallas only (refs, `pl.ds`, `pl.program_id`, loops, jnp), so the same
 code runs in Pallas' interpret mode on a CPU (the tests; chosen by `interpret()` from the traced-for device) and
