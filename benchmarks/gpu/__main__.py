@@ -34,7 +34,8 @@ compiles of 124M take 12-17 s, of the unrolled training step 15-17 s; torch.comp
                     torch.compile
     profile         traces: kernels per decode step (b1 top-k 40, greedy; top-k 40 in the    for the record   70
                     fused Pallas layers), the training step's top kernels (profile.py)
-    topk            the top 40 of 50,257 logits three ways, beside greedy (topk.py)          for the record   30
+    topk            the top 40 of 50,257 logits three ways (four where top_k takes           for the record   30
+                    is_stable: a radix select, its ties checked), beside greedy (topk.py)
     summary         each goal met or not: summary.txt and <card>-verify-<date>.json          -                 2
 
 Through serve that is about 415 s, so the default budget (470 s) leaves lora the rest; what does not fit is
