@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,18 @@ ATOL = 1e-5
 GPU = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")  # ops.traced_for's stand-in
 TRITON = "__gpu$xla.gpu.triton"
 NEEDS_TRITON = pytest.mark.skipif(fused_decode.pltriton is None, reason="this JAX has no Pallas Triton backend")
+
+
+@contextlib.contextmanager
+def traced_for_a_gpu() -> Iterator[None]:
+    """Trace and lower as for an H100 on this CPU: the forward's choices by `ops.traced_for`, and for Pallas' Triton
+    lowering, which asks the device for its compute capability (jax 0.12 refuses without a GPU), an abstract mesh
+    on an abstract H100 (jax 0.10 reads no such thing and lowers anyway)."""
+    h100 = jax.sharding.AbstractDevice(device_kind=GPU.device_kind, num_cores=132, platform="gpu")
+    # One device, its axis Auto: the mesh names the device and shards nothing (Explicit axes would type shardings).
+    mesh = jax.sharding.AbstractMesh((1,), ("gpu",), (jax.sharding.AxisType.Auto,), abstract_device=h100)
+    with ops.traced_for(GPU), jax.sharding.use_abstract_mesh(mesh):
+        yield
 
 
 def bf16_bound(reference) -> float:
@@ -233,7 +247,7 @@ def test_the_fused_decode_loop_lowers_for_cuda_with_five_kernels_per_layer(param
     args, static = loop_args(decode.decode_weights(params, CFG, kernels="pallas"))
     jax.clear_caches()  # a trace for the CPU (interpret mode) must not be reused
     try:
-        with ops.traced_for(GPU):
+        with traced_for_a_gpu():
             exported = jax.export.export(
                 decode_chunk, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)]
             )(*args, **static)
@@ -270,7 +284,7 @@ def test_gpt2_124m_bfloat16_steps_lower_for_cuda(batch, window, unroll, monkeypa
                         jax.ShapeDtypeStruct((), jnp.int32))  # fmt: skip
     jax.clear_caches()
     try:
-        with ops.traced_for(GPU):
+        with traced_for_a_gpu():
             exported = jax.export.export(
                 decode_chunk, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)]
             )(weights, state, np.int32(8), np.zeros(batch, bool), np.int32(-1), config=config,
