@@ -53,11 +53,13 @@ def missing() -> list:
     return absent
 
 
-def typed(path: str) -> str:
+def typed_path(path: str, *, program: bool = False) -> str:
+    """`path` as typed from the current folder: relative below it, else absolute; a `program` in the current
+    folder itself as `./name` (a shell looks for a bare name on PATH). hints.py names commands with it too."""
     relative = os.path.relpath(path)
     if relative.startswith(os.pardir):
-        return path
-    return relative if os.sep in relative else "." + os.sep + relative
+        return os.path.abspath(path)
+    return "." + os.sep + relative if program and os.sep not in relative else relative
 
 
 def advice() -> str:
@@ -67,9 +69,9 @@ def advice() -> str:
         # The command as typed, interpreter flags dropped: `python3 sample.py ...`, `python3 -m gpt2_jax.sample ...`.
         typed_argv = getattr(sys, "orig_argv", [])[1:]
         if typed_argv[:1] == ["-m"] or (typed_argv[:1] and typed_argv[0].endswith(".py")):
-            command = " ".join(shlex.quote(a) for a in [typed(venv_python), *typed_argv])
+            command = " ".join(shlex.quote(a) for a in [typed_path(venv_python, program=True), *typed_argv])
             return "run it with the Python that `make demo` set up: " + command
-        return "use the Python that `make demo` set up, " + typed(venv_python)
+        return "use the Python that `make demo` set up, " + typed_path(venv_python, program=True)
     if os.path.isfile(os.path.join(CHECKOUT, "Makefile")):
         here = os.path.abspath(os.getcwd()) == CHECKOUT
         where = "" if here else " in " + CHECKOUT

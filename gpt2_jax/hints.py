@@ -18,19 +18,12 @@ import os
 import shutil
 import sys
 
+from gpt2_jax.dependencies import typed_path
+
 # The command `commands.py` is running (`gpt2-jax NAME`), set while it runs; None for a script or `python -m`.
 invoked_as: str | None = None
 SCRIPTS = ("train", "sample")  # the checkout's top-level scripts; every other command is only a module
 MODULES = {"bench": "benchmarks"}  # commands whose module is not gpt2_jax.NAME (the suite lives in the checkout)
-
-
-def typed_path(path: str, *, program: bool = False) -> str:
-    """`path` as typed from the current folder: relative below it, else absolute; a `program` in the current
-    folder itself as `./name` (a shell looks for a bare name on PATH)."""
-    relative = os.path.relpath(path)
-    if relative.startswith(os.pardir):
-        return os.path.abspath(path)
-    return f".{os.sep}{relative}" if program and os.sep not in relative else relative
 
 
 def on_path(name: str, path: str) -> bool:
